@@ -1,0 +1,651 @@
+"""A GPT language model in one plain-PyTorch file.
+
+Read it bottom-up: configuration, then the small interchangeable pieces, then the transformer.
+
+Features (each chosen by name in `GPTConfig`; the names live in small registries):
+- attention backends: "sdpa" (`F.scaled_dot_product_attention`) and "eager" (explicit mask and
+  softmax, for teaching and diagnostics); both causal, with grouped-query / multi-query KV heads,
+  an optional sliding window, and optional QK-norm (RMSNorm over the head dimension).
+- positions: "learned" (GPT-2 table), "sinusoidal" (computed on the fly), "rope", "alibi", "none".
+- norms: "layernorm", "rmsnorm"; pre-norm or post-norm blocks.
+- MLPs: "gelu" (GPT-2), "swiglu" (LLaMA), "relu2" (Primer).
+- KV-cached incremental decoding, and sampling with temperature / top-k / top-p.
+- parameter and training-FLOP accounting for MFU.
+
+Adding a variant is one class with a `@register(...)` line; nothing else needs editing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_BACKENDS: dict[str, type[nn.Module]] = {}
+POSITIONS: dict[str, type[Position]] = {}
+NORMS: dict[str, type[nn.Module]] = {}
+MLPS: dict[str, type[nn.Module]] = {}
+NORM_PLACEMENTS = ("pre", "post")
+
+
+def register(registry: dict[str, type], name: str) -> Callable[[type], type]:
+    """Class decorator: make a variant selectable by `name` from the config."""
+
+    def add(cls: type) -> type:
+        registry[name] = cls
+        return cls
+
+    return add
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256  # max context length (a hard limit only for learned positions)
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    n_kv_heads: int | None = None  # None = n_head (multi-head); fewer = grouped-query; 1 = MQA
+    dropout: float = 0.0
+    bias: bool = True
+    attention: str = "sdpa"
+    position: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layernorm"
+    norm_placement: str = "pre"
+    mlp: str = "gelu"
+    mlp_ratio: float = 4.0  # hidden = ratio * n_embd (swiglu: 2/3 of that, rounded up to 64)
+    qk_norm: bool = False
+    sliding_window: int | None = None  # tokens a query sees, itself included; None = full causal
+    tie_weights: bool = True
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            self._require(isinstance(value, int) and value >= 1, name, "a positive integer")
+        for name, registry, what in (
+            ("attention", ATTENTION_BACKENDS, "attention backend"),
+            ("position", POSITIONS, "position encoding"),
+            ("norm", NORMS, "norm"),
+            ("mlp", MLPS, "MLP"),
+            ("norm_placement", dict.fromkeys(NORM_PLACEMENTS), "norm placement"),
+        ):
+            if getattr(self, name) not in registry:
+                raise ValueError(
+                    f"GPTConfig.{name}={getattr(self, name)!r} is not a known {what}; "
+                    f"choose one of: {', '.join(sorted(registry))}"
+                )
+        self._require(
+            self.n_embd % self.n_head == 0, "n_embd", f"divisible by n_head={self.n_head}"
+        )
+        kv = self.n_kv_heads
+        self._require(
+            kv is None or (isinstance(kv, int) and kv >= 1 and self.n_head % kv == 0),
+            "n_kv_heads",
+            f"None or a positive divisor of n_head={self.n_head}",
+        )
+        self._require(
+            self.position != "rope" or self.head_size % 2 == 0,
+            "n_embd",
+            f"an even head size for rope (n_embd / n_head = {self.n_embd / self.n_head:g})",
+        )
+        self._require(0.0 <= self.dropout < 1.0, "dropout", "in [0, 1)")
+        self._require(self.rope_theta > 0, "rope_theta", "> 0")
+        self._require(self.mlp_ratio > 0, "mlp_ratio", "> 0")
+        self._require(self.init_std > 0, "init_std", "> 0")
+        sw = self.sliding_window
+        self._require(
+            sw is None or (isinstance(sw, int) and sw >= 1), "sliding_window", "None or >= 1"
+        )
+
+    def _require(self, ok: bool, name: str, expected: str) -> None:
+        if not ok:
+            value = getattr(self, name)
+            raise ValueError(f"GPTConfig.{name}={value!r} is invalid; expected {expected}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_head
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Rebuild from a plain dict (checkpoints and hparams store configs that way)."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(d) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"GPTConfig got unknown keys {unknown}; valid fields are: {', '.join(valid)}"
+            )
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- norms
+
+
+@register(NORMS, "layernorm")
+class LayerNorm(nn.LayerNorm):
+    def __init__(self, dim: int, bias: bool = True) -> None:
+        super().__init__(dim, eps=1e-5, bias=bias)
+
+
+@register(NORMS, "rmsnorm")
+class RMSNorm(nn.RMSNorm):
+    """No bias and no mean-centering, as in LLaMA; `bias` is accepted for a uniform signature."""
+
+    def __init__(self, dim: int, bias: bool = True) -> None:
+        super().__init__(dim, eps=1e-6)
+
+
+# ----------------------------------------------------------------------------- MLPs
+# Every MLP names its output projection `c_proj`: `GPT.init_weights` scales residual branches by it.
+
+
+@register(MLPS, "gelu")
+class GELUMLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        hidden = int(config.mlp_ratio * config.n_embd)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # tanh form, as GPT-2
+
+
+@register(MLPS, "swiglu")
+class SwiGLUMLP(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        # Three matrices instead of two: 2/3 of the hidden size keeps the parameter count level.
+        hidden = 64 * math.ceil(2 / 3 * config.mlp_ratio * config.n_embd / 64)
+        self.c_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
+
+
+@register(MLPS, "relu2")
+class ReLU2MLP(GELUMLP):
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+# ----------------------------------------------------------------------------- positions
+
+
+class Position(nn.Module):
+    """Base position encoding: three hooks, each an identity unless a subclass overrides it.
+
+    Blocks call every hook unconditionally, so they never need to know which encoding is in use.
+    `pos`, `q_pos`, `k_pos` are absolute token positions, LongTensors of shape (T,).
+    """
+
+    max_len: int | None = None  # longest sequence supported; None = can extrapolate
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+
+    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+        return x  # x: (B, T, C) token embeddings
+
+    def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        return q, k  # (B, nh, T, hs), (B, n_kv, T, hs)
+
+    def attn_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
+        return None  # or an additive (nh, Tq, Tk) bias on the attention scores
+
+
+@register(POSITIONS, "none")
+class NoPosition(Position):
+    """NoPE: the causal mask alone leaks enough order information to learn positions."""
+
+
+@register(POSITIONS, "learned")
+class LearnedPosition(Position):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.max_len = config.block_size
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+
+    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+        return x + self.wpe(pos)
+
+
+@register(POSITIONS, "sinusoidal")
+class SinusoidalPosition(Position):
+    """Vaswani et al. table, computed on the fly so any length works and nothing is stored.
+
+    Scaled to the token embeddings' initial RMS (init_std): at unit amplitude the fixed table
+    would drown the small-initialised token signal (Vaswani instead scale tokens up by sqrt(C)).
+    """
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.dim = config.n_embd
+        self.scale = config.init_std * math.sqrt(2)  # sin and cos have RMS 1/sqrt(2)
+
+    def embed(self, x: Tensor, pos: Tensor) -> Tensor:
+        i = torch.arange(0, self.dim, 2, device=pos.device, dtype=torch.float32)
+        angles = pos.float()[:, None] * 10000.0 ** (-i / self.dim)  # (T, ceil(C/2))
+        pe = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, : self.dim]  # (T, C)
+        return x + (self.scale * pe).to(x.dtype)
+
+
+@register(POSITIONS, "rope")
+class RotaryPosition(Position):
+    """RoPE, rotate-half layout (GPT-NeoX / LLaMA). Angles are recomputed in fp32 on each call:
+    cheap at this scale, and immune to the model being cast to a low-precision dtype."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.head_size = config.head_size
+        self.theta = config.rope_theta
+
+    def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
+        i = torch.arange(0, self.head_size, 2, device=pos.device, dtype=torch.float32)
+        angles = pos.float()[:, None] * self.theta ** (-i / self.head_size)  # (T, hs/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+        cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
+
+        def rot(x: Tensor) -> Tensor:
+            x1, x2 = x.chunk(2, dim=-1)  # (B, h, T, hs/2) each
+            return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+        return rot(q), rot(k)
+
+
+def alibi_slopes(n_head: int) -> list[float]:
+    """Geometric slopes 2^(-8/n), 2^(-16/n), ...; for non-powers of two, interleave the next
+    power's slopes as in the ALiBi reference code."""
+
+    def power_of_2(n: int) -> list[float]:
+        return [2 ** (-8 * (i + 1) / n) for i in range(n)]
+
+    closest = 2 ** math.floor(math.log2(n_head))
+    return power_of_2(closest) + power_of_2(2 * closest)[0::2][: n_head - closest]
+
+
+@register(POSITIONS, "alibi")
+class ALiBiPosition(Position):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__(config)
+        self.slopes = alibi_slopes(config.n_head)
+
+    def attn_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+        slopes = torch.tensor(self.slopes, device=q_pos.device)  # (nh,)
+        distance = (k_pos[None, :] - q_pos[:, None]).float()  # (Tq, Tk), <= 0 where visible
+        return slopes[:, None, None] * distance  # (nh, Tq, Tk)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_mask(
+    q_pos: Tensor, k_pos: Tensor, window: int | None, bias: Tensor | None
+) -> Tensor | None:
+    """Additive float mask, 0 where a query may look and -inf elsewhere, plus any position bias.
+
+    The queries are the last Tq of the Tk key positions. Returns None in the one case
+    `is_causal=True` describes exactly (Tq == Tk, no window, no bias), which lets sdpa pick its
+    fastest kernels; with a KV cache prefix, is_causal would align queries to the first keys.
+    """
+    if len(q_pos) == len(k_pos) and window is None and bias is None:
+        return None
+    distance = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
+    visible = distance >= 0
+    if window is not None:
+        visible &= distance < window
+    mask = torch.zeros(visible.shape, device=q_pos.device).masked_fill(~visible, float("-inf"))
+    return mask if bias is None else mask + bias  # (Tq, Tk) or (nh, Tq, Tk)
+
+
+@register(ATTENTION_BACKENDS, "sdpa")
+class SDPAttention(nn.Module):
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
+    ) -> Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
+        )
+
+
+@register(ATTENTION_BACKENDS, "eager")
+class EagerAttention(nn.Module):
+    """Every step spelled out; slower and hungrier than sdpa, but easy to inspect or modify."""
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
+    ) -> Tensor:
+        Tq, Tk = q.size(-2), k.size(-2)
+        if mask is None:
+            mask = torch.full((Tq, Tk), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
+        weights = F.softmax(scores + mask, dim=-1)
+        weights = F.dropout(weights, p=dropout_p)  # dropout_p is 0 outside training
+        return weights @ v  # (B, nh, Tq, hs)
+
+
+class KVCache:
+    """Keys and values of every layer, for incremental decoding.
+
+    Buffers are allocated by the first write, with that write's batch size, dtype and device, so
+    the cache needs no setup and works unchanged under autocast. Keys are stored already rotated
+    (RoPE) and before GQA expansion: (B, n_kv_heads, max_len, hs). The cache keeps every token,
+    even with a sliding window; the mask hides what is out of reach. `length` counts the tokens
+    stored; `GPT.forward` advances it once all layers have written.
+    """
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: list[Tensor | None] = [None] * n_layer
+        self.v: list[Tensor | None] = [None] * n_layer
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's keys/values at [length, length+T); return all keys/values so far."""
+        start, end = self.length, self.length + k.size(2)
+        if self.k[layer] is None:
+            B, n_kv, _, hs = k.shape
+            self.k[layer] = k.new_zeros(B, n_kv, self.max_len, hs)
+            self.v[layer] = v.new_zeros(B, n_kv, self.max_len, hs)
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, n_kv, end, hs)
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_size
+        # One matmul for q, k and v; with GQA the k and v parts are narrower.
+        self.c_attn = nn.Linear(
+            config.n_embd, (self.n_head + 2 * self.n_kv) * self.hs, bias=config.bias
+        )
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.q_norm = RMSNorm(self.hs) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.hs) if config.qk_norm else nn.Identity()
+        self.backend = ATTENTION_BACKENDS[config.attention]()
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        mask: Tensor | None,
+        position: Position,
+        kv_cache: KVCache | None,
+    ) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1
+        )
+        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        # QK-norm bounds the attention logits, which keeps training stable at high learning rates.
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = position.rotate(q, k, pos)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv, Tk, hs)
+        if self.n_kv != self.n_head:
+            # Each KV head serves a contiguous group of query heads.
+            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, Tk, hs)
+            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, Tk, hs)
+        if mask is not None:
+            mask = mask.to(q.dtype)  # sdpa wants the mask in the query's dtype (autocast)
+        dropout_p = self.dropout if self.training else 0.0
+        y = self.backend(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.pre_norm = config.norm_placement == "pre"
+        self.norm_1 = NORMS[config.norm](config.n_embd, config.bias)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.norm_2 = NORMS[config.norm](config.n_embd, config.bias)
+        self.mlp = MLPS[config.mlp](config)
+        self.mlp_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        pos: Tensor,
+        mask: Tensor | None,
+        position: Position,
+        kv_cache: KVCache | None,
+    ) -> Tensor:
+        if self.pre_norm:  # GPT-2 and later: a clean residual stream, easier to train deep
+            x = x + self.attn(self.norm_1(x), pos, mask, position, kv_cache)
+            return x + self.mlp_dropout(self.mlp(self.norm_2(x)))
+        # Post-norm (original Transformer): normalises the residual stream after each sum.
+        x = self.norm_1(x + self.attn(x, pos, mask, position, kv_cache))
+        return self.norm_2(x + self.mlp_dropout(self.mlp(x)))
+
+
+class GPT(nn.Module):
+    """Token embedding -> position encoding -> n_layer blocks -> final norm -> LM head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position = POSITIONS[config.position](config)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        # Post-norm blocks already end in a norm; pre-norm needs one before the head.
+        pre = config.norm_placement == "pre"
+        self.norm_f = NORMS[config.norm](config.n_embd, config.bias) if pre else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_weights:
+            self.lm_head.weight = self.wte.weight  # one matrix embeds and unembeds
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The whole initialisation scheme (GPT-2): N(0, init_std) for every linear and embedding
+        weight, zero biases, unit norm gains, and the projections that write into the residual
+        stream (attention and MLP `c_proj`) shrunk by 1/sqrt(2 * n_layer), since 2 * n_layer
+        of them are summed and the stream's variance would otherwise grow with depth."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm | nn.RMSNorm):
+                module.reset_parameters()
+        for name, param in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def new_kv_cache(self, max_len: int | None = None) -> KVCache:
+        """An empty cache for up to `max_len` tokens (default: block_size). Batch size, dtype and
+        device come from the first forward that uses it."""
+        return KVCache(self.config.n_layer, max_len or self.config.block_size)
+
+    def forward(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab_size).
+
+        With `kv_cache`, idx holds only the new tokens; their positions continue from
+        `kv_cache.length`, and the cache is advanced by T.
+        """
+        if idx.dim() != 2 or idx.size(1) == 0:
+            raise ValueError(f"idx must have shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+        T = idx.size(1)
+        start = kv_cache.length if kv_cache is not None else 0
+        limit = self.position.max_len
+        if limit is not None and start + T > limit:
+            raise ValueError(
+                f"sequence of {start + T} tokens (cached {start} + new {T}) exceeds "
+                f"block_size={limit} of the {self.config.position!r} position table"
+            )
+        if kv_cache is not None and start + T > kv_cache.max_len:
+            raise ValueError(f"KV cache holds {kv_cache.max_len} tokens; {start + T} requested")
+        k_pos = torch.arange(start + T, device=idx.device)  # (Tk,) every key, cached ones first
+        pos = k_pos[start:]  # (T,) the queries
+        mask = attention_mask(
+            pos, k_pos, self.config.sliding_window, self.position.attn_bias(pos, k_pos)
+        )
+        x = self.drop(self.position.embed(self.wte(idx), pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, pos, mask, self.position, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count, a tied matrix counted once.
+
+        non_embedding=True gives Kaplan et al.'s N, the transformer body: it leaves out the token
+        embedding, the learned position table and the LM head (tied or not).
+        """
+        n = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
+        if non_embedding:
+            n -= self.wte.weight.numel()
+            if not self.config.tie_weights:
+                n -= self.lm_head.weight.numel()
+            if isinstance(self.position, LearnedPosition):
+                n -= self.position.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (Kaplan et al. 2020, Table 1), for MFU:
+
+            forward  = 2 * N  +  2 * n_layer * seq_len * n_embd  +  2 * n_embd * vocab_size
+            training = 3 * forward          (the backward pass costs twice the forward)
+
+        N = num_params(non_embedding=True). The middle term is attention's QK^T and AV at full
+        context (seq_len defaults to block_size; the causal and sliding-window savings are not
+        subtracted, matching the usual convention). The last term is the LM head matmul: Kaplan
+        drops it, but in small models it is a large share of all compute, so it is counted here.
+        """
+        c = self.config
+        T = c.block_size if seq_len is None else seq_len
+        forward = (
+            2 * self.num_params(non_embedding=True)
+            + 2 * c.n_layer * T * c.n_embd
+            + 2 * c.n_embd * c.vocab_size
+        )
+        return 3.0 * forward
+
+    @torch.no_grad()
+    def stream(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[Tensor]:
+        """Yield each new token, a (B,) LongTensor, as soon as it is sampled.
+
+        temperature=0 is greedy. Once a row emits `eos_id` it keeps emitting it, and the stream
+        ends when every row has. Learned positions cap the context at block_size: without a cache
+        the context is cropped to its last block_size tokens; with one, the cache is used while
+        the sequence fits and decoding then continues uncached with cropping. Other positions
+        keep the whole context (extrapolating past block_size).
+        """
+        if temperature < 0 or (top_k is not None and top_k < 1):
+            raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        limit = self.position.max_len
+        total = idx.size(1) + max_new_tokens
+        cache = self.new_kv_cache(min(total, limit or total)) if use_cache else None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if cache is not None and idx.size(1) > cache.max_len:
+                cache = None  # learned positions: the cache is full, continue with cropping
+            if cache is not None:
+                logits = self(idx[:, cache.length :], cache)
+            else:
+                logits = self(idx if limit is None else idx[:, -limit:])
+            token = sample(logits[:, -1], temperature, top_k, top_p, generator)  # (B,)
+            if eos_id is not None:
+                token = token.masked_fill(done, eos_id)
+                done |= token == eos_id
+            idx = torch.cat([idx, token[:, None]], dim=1)  # (B, T + 1)
+            yield token
+            if eos_id is not None and bool(done.all()):
+                return
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_id: int | None = None,
+        use_cache: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Complete idx (B, T); returns (B, T + generated), generated < max_new_tokens only when
+        every row hit eos_id. See `stream` for the options."""
+        new = list(
+            self.stream(
+                idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
+            )
+        )
+        return torch.cat([idx, *(t[:, None] for t in new)], dim=1)
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per row from logits (B, V); temperature=0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the more likely ones already reach top_p; the top token always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)

@@ -1,0 +1,360 @@
+"""Tests for gptlab.model: tiny fp32 models, parametrized over the variant registries so a newly
+registered variant is covered without editing this file."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gptlab.model import (
+    ATTENTION_BACKENDS,
+    GPT,
+    MLPS,
+    NORM_PLACEMENTS,
+    NORMS,
+    POSITIONS,
+    GPTConfig,
+    Position,
+    SwiGLUMLP,
+    alibi_slopes,
+    register,
+)
+
+ATTNS = sorted(ATTENTION_BACKENDS)
+POS = sorted(POSITIONS)
+EXTRAPOLATING = [p for p in POS if p != "learned"]
+TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+
+
+def make(seed: int = 0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**{**TINY, **overrides}))
+    return model.eval()
+
+
+def tokens(T: int = 16, B: int = 2, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, TINY["vocab_size"], (B, T), generator=g)
+
+
+# Attention shapes worth covering everywhere: plain MHA, sliding window, GQA, MQA (+ window).
+ATTN_SHAPES = {
+    "mha": dict(),
+    "window": dict(sliding_window=4),
+    "gqa": dict(n_kv_heads=2),
+    "mqa_window": dict(n_kv_heads=1, sliding_window=5),
+}
+
+
+# ----------------------------------------------------------------------------- masking
+
+
+@pytest.mark.parametrize("shape", ATTN_SHAPES)
+@pytest.mark.parametrize("position", POS)
+@pytest.mark.parametrize("attention", ATTNS)
+def test_causal(attention, position, shape):
+    model = make(attention=attention, position=position, **ATTN_SHAPES[shape])
+    idx = tokens()
+    t = 7
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % TINY["vocab_size"]
+    with torch.no_grad():
+        a, b = model(idx), model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], atol=1e-6, rtol=0)
+    assert not torch.allclose(a[:, t], b[:, t], atol=1e-5, rtol=0)
+    assert not torch.allclose(a[:, t + 1], b[:, t + 1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ATTNS)
+@pytest.mark.parametrize("position", POS)
+def test_sliding_window_never_looks_past_window(attention, position):
+    window, t = 4, 10
+    model = make(attention=attention, position=position, n_layer=1, sliding_window=window)
+    idx = tokens()
+    outside, inside = idx.clone(), idx.clone()
+    outside[:, t - window] = (outside[:, t - window] + 1) % TINY["vocab_size"]  # just out of reach
+    inside[:, t - window + 1] = (inside[:, t - window + 1] + 1) % TINY["vocab_size"]
+    with torch.no_grad():
+        base, out, inn = model(idx)[:, t], model(outside)[:, t], model(inside)[:, t]
+    torch.testing.assert_close(base, out, atol=1e-6, rtol=0)
+    assert not torch.allclose(base, inn, atol=1e-5, rtol=0)
+
+
+# (n_kv_heads, sliding_window, qk_norm), a spread rather than the full product
+BACKEND_CASES = [(None, None, False), (2, 3, True), (1, None, True), (None, 6, False)]
+
+
+@pytest.mark.parametrize("kv_heads,window,qk_norm", BACKEND_CASES)
+@pytest.mark.parametrize("position", POS)
+def test_backends_agree(position, kv_heads, window, qk_norm):
+    kw = dict(position=position, n_kv_heads=kv_heads, sliding_window=window, qk_norm=qk_norm)
+    models = {a: make(attention=a, **kw) for a in ATTNS}
+    reference = models[ATTNS[0]]
+    for model in models.values():
+        model.load_state_dict(reference.state_dict())
+    for T in (5, 16):
+        idx = tokens(T)
+        with torch.no_grad():
+            outs = [m(idx) for m in models.values()]
+        for out in outs[1:]:
+            torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- KV cache
+
+
+@pytest.mark.parametrize("shape", ["mha", "mqa_window"])
+@pytest.mark.parametrize("position", POS)
+@pytest.mark.parametrize("attention", ATTNS)
+def test_kv_cache_matches_full_forward(attention, position, shape):
+    model = make(attention=attention, position=position, **ATTN_SHAPES[shape])
+    idx = tokens(16)
+    with torch.no_grad():
+        full = model(idx)
+        for chunks in ([3] + [1] * 13, [5, 4, 1, 6]):  # prefill then one-by-one; uneven chunks
+            cache = model.new_kv_cache()
+            outs, start = [], 0
+            for n in chunks:
+                outs.append(model(idx[:, start : start + n], kv_cache=cache))
+                start += n
+            assert cache.length == 16
+            torch.testing.assert_close(torch.cat(outs, dim=1), full, atol=1e-5, rtol=0)
+
+
+def test_kv_cache_overflow_raises():
+    model = make(position="rope")
+    cache = model.new_kv_cache(max_len=8)
+    model(tokens(6), kv_cache=cache)
+    with pytest.raises(ValueError, match="KV cache"):
+        model(tokens(3), kv_cache=cache)
+
+
+# ----------------------------------------------------------------------------- lengths
+
+
+@pytest.mark.parametrize("position", EXTRAPOLATING)
+def test_extrapolating_positions_run_past_block_size(position):
+    model = make(position=position)
+    T = 2 * TINY["block_size"]
+    with torch.no_grad():
+        logits = model(tokens(T))
+        cache = model.new_kv_cache(max_len=T)
+        cached = torch.cat([model(tokens(T)[:, :20], cache), model(tokens(T)[:, 20:], cache)], 1)
+    assert logits.shape == (2, T, TINY["vocab_size"])
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(cached, logits, atol=1e-5, rtol=0)
+
+
+def test_learned_positions_reject_long_sequences():
+    model = make(position="learned")
+    with pytest.raises(ValueError, match="block_size=16"):
+        model(tokens(17))
+    cache = model.new_kv_cache(max_len=32)
+    model(tokens(10), kv_cache=cache)
+    with pytest.raises(ValueError, match="block_size"):
+        model(tokens(7), kv_cache=cache)
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+@pytest.mark.parametrize("placement", NORM_PLACEMENTS)
+@pytest.mark.parametrize("norm", sorted(NORMS))
+@pytest.mark.parametrize("mlp", sorted(MLPS))
+def test_every_block_variant_trains(mlp, norm, placement):
+    model = make(mlp=mlp, norm=norm, norm_placement=placement, dropout=0.1, bias=False).train()
+    idx = tokens()
+    logits = model(idx)
+    loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
+    loss.backward()
+    assert math.isfinite(loss.item())
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    assert isinstance(model.norm_f, nn.Identity) == (placement == "post")
+
+
+def test_swiglu_hidden_size_is_two_thirds_rounded_to_64():
+    assert SwiGLUMLP(GPTConfig(**TINY)).c_fc.out_features == 128  # 2/3 * 128 = 85.3 -> 128
+    assert SwiGLUMLP(GPTConfig(n_embd=384)).c_fc.out_features == 1024  # 2/3 * 1536 = 1024
+
+
+def test_alibi_slopes():
+    assert alibi_slopes(8) == [2 ** -(i + 1) for i in range(8)]
+    six = alibi_slopes(6)  # not a power of two: 4 base slopes + 2 interleaved from the 8-series
+    assert six[:4] == alibi_slopes(4) and six[4:] == alibi_slopes(8)[0::2][:2]
+
+
+def test_new_variant_needs_only_registration(monkeypatch):
+    monkeypatch.setitem(POSITIONS, "shifted", None)  # reserve the name; restored after the test
+
+    @register(POSITIONS, "shifted")
+    class Shifted(Position):
+        def embed(self, x, pos):
+            return x + 1.0
+
+    model = make(position="shifted")
+    assert isinstance(model.position, Shifted)
+    assert model(tokens()).shape == (2, 16, 64)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(position="rop"), "position='rop'.*alibi, learned, none, rope, sinusoidal"),
+        (dict(attention="flash"), "attention='flash'.*eager, sdpa"),
+        (dict(norm="batchnorm"), "norm='batchnorm'.*layernorm, rmsnorm"),
+        (dict(mlp="moe"), "mlp='moe'.*gelu, relu2, swiglu"),
+        (dict(norm_placement="sandwich"), "norm_placement='sandwich'.*post, pre"),
+        (dict(n_embd=30), "n_embd=30.*divisible by n_head=4"),
+        (dict(n_kv_heads=3), "n_kv_heads=3"),
+        (dict(n_kv_heads=0), "n_kv_heads=0"),
+        (dict(n_head=8, n_embd=24, position="rope"), "n_embd=24.*even head size"),
+        (dict(n_layer=0), "n_layer=0.*positive"),
+        (dict(vocab_size=-1), "vocab_size=-1"),
+        (dict(block_size=2.5), "block_size=2.5"),
+        (dict(dropout=1.0), r"dropout=1.0.*\[0, 1\)"),
+        (dict(dropout=-0.1), "dropout=-0.1"),
+        (dict(sliding_window=0), "sliding_window=0"),
+        (dict(rope_theta=0.0), "rope_theta"),
+        (dict(mlp_ratio=0), "mlp_ratio"),
+        (dict(init_std=-1.0), "init_std"),
+    ],
+)
+def test_config_rejects_bad_values(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        GPTConfig(**{**TINY, **overrides})
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    cfg = GPTConfig(**TINY, position="rope", n_kv_heads=2)
+    assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match=r"\['n_embed'\].*vocab_size, block_size"):
+        GPTConfig.from_dict({**TINY, "n_embed": 32})
+
+
+# ----------------------------------------------------------------------------- params and init
+
+
+def test_tied_weights_share_storage_and_are_counted_once():
+    tied, untied = make(), make(tie_weights=False)
+    assert tied.lm_head.weight is tied.wte.weight
+    assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
+    assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
+    V, C = TINY["vocab_size"], TINY["n_embd"]
+    assert untied.num_params() == tied.num_params() + V * C
+    assert untied.num_params(non_embedding=True) == tied.num_params(non_embedding=True)
+    listed = sum(t.numel() for t in tied.state_dict().values())  # lists the tied matrix twice
+    assert tied.num_params() == listed - V * C
+
+
+def test_num_params_and_flops_hand_computed():
+    # d=8, one layer, gelu x4, biases, layernorm, learned positions, tied head.
+    model = make(vocab_size=16, block_size=4, n_layer=1, n_head=2, n_embd=8)
+    d = 8
+    body = (
+        2 * d  # norm_1
+        + (d * 3 * d + 3 * d)  # c_attn
+        + (d * d + d)  # attn c_proj
+        + 2 * d  # norm_2
+        + (d * 4 * d + 4 * d)  # c_fc
+        + (4 * d * d + d)  # mlp c_proj
+        + 2 * d  # norm_f
+    )
+    assert body == 888
+    assert model.num_params(non_embedding=True) == 888
+    assert model.num_params() == 888 + 16 * d + 4 * d  # + token table + position table
+    # 3 * (2N + 2 * n_layer * T * d + 2 * d * V) = 3 * (1776 + 64 + 256)
+    assert model.flops_per_token() == 6288.0
+    assert model.flops_per_token(seq_len=8) == 6288.0 + 6 * 1 * 4 * d
+    assert make().flops_per_token() > 0
+
+
+def test_init_scales_residual_projections():
+    torch.manual_seed(0)
+    n_layer, std = 8, 0.02
+    model = GPT(GPTConfig(vocab_size=256, n_layer=n_layer, n_embd=256, n_head=4, init_std=std))
+    scaled = std / math.sqrt(2 * n_layer)
+    block = model.blocks[3]
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(scaled, rel=0.05)
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert model.wte.weight.std().item() == pytest.approx(std, rel=0.05)
+    assert torch.all(block.attn.c_attn.bias == 0) and torch.all(block.norm_1.weight == 1)
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("position", POS)
+def test_greedy_generate_with_and_without_cache_agree(position):
+    model = make(position=position, sliding_window=6)
+    prompt = tokens(4)
+    n = 20 if position != "learned" else 12  # learned: stays within block_size=16
+    cached = model.generate(prompt, n, temperature=0)
+    uncached = model.generate(prompt, n, temperature=0, use_cache=False)
+    assert cached.shape == (2, 4 + n)
+    assert torch.equal(cached[:, :4], prompt)
+    assert torch.equal(cached, uncached)
+
+
+def test_learned_generation_past_block_size_falls_back_to_cropping():
+    model = make()
+    prompt = tokens(10)
+    cached = model.generate(prompt, 20, temperature=0)
+    uncached = model.generate(prompt, 20, temperature=0, use_cache=False)
+    assert cached.shape == (2, 30)
+    assert torch.equal(cached, uncached)
+
+
+def test_top_k_1_and_tiny_top_p_are_greedy():
+    model = make()
+    prompt = tokens(4)
+    greedy = model.generate(prompt, 10, temperature=0)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(model.generate(prompt, 10, top_k=1, generator=g), greedy)
+    assert torch.equal(model.generate(prompt, 10, top_p=1e-6, generator=g), greedy)
+    both = model.generate(prompt, 10, temperature=2.0, top_k=1, top_p=1e-6, generator=g)
+    assert torch.equal(both, greedy)
+
+
+def test_seeded_sampling_is_reproducible():
+    model = make()
+    prompt = tokens(4)
+
+    def run(seed):
+        g = torch.Generator().manual_seed(seed)
+        return model.generate(prompt, 12, temperature=1.5, top_k=20, top_p=0.9, generator=g)
+
+    assert torch.equal(run(123), run(123))
+    assert run(123).shape == (2, 16)
+
+
+def test_stream_yields_each_token():
+    model = make()
+    prompt = tokens(3)
+    streamed = list(model.stream(prompt, 7, temperature=0))
+    assert len(streamed) == 7 and all(t.shape == (2,) for t in streamed)
+    assert torch.equal(torch.stack(streamed, 1), model.generate(prompt, 7, temperature=0)[:, 3:])
+
+
+def test_eos_stops_generation():
+    model = make()
+    prompt = tokens(3, B=1)
+    first = model.generate(prompt, 1, temperature=0)[0, -1].item()
+    out = model.generate(prompt, 10, temperature=0, eos_id=first)
+    assert out.shape == (1, 4) and out[0, -1].item() == first
+    # Batched: a finished row keeps emitting eos until every row is done (or tokens run out).
+    prompt2 = tokens(3, B=2, seed=5)
+    eos = model.generate(prompt2, 1, temperature=0)[0, -1].item()
+    out = model.generate(prompt2, 10, temperature=0, eos_id=eos)
+    assert torch.all(out[0, 3:] == eos)
+
+
+def test_sampling_rejects_bad_arguments():
+    model = make()
+    for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
+        with pytest.raises(ValueError):
+            model.generate(tokens(2), 2, **kwargs)
