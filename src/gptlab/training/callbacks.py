@@ -1,0 +1,139 @@
+"""Training callbacks: throughput and MFU, and text samples logged to TensorBoard."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
+from lightning.pytorch.utilities import rank_zero_only
+from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
+    """Achieved FLOP/s of a large square matmul: the practical peak where no spec sheet applies."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < 0.5:
+        a @ b
+        reps += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return 2 * size**3 * reps / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The device's peak FLOP/s and where the number came from (spec sheet or measured)."""
+    spec = get_available_flops(device, dtype) if device.type == "cuda" else None
+    if spec:
+        return float(spec), "spec"
+    return measure_matmul_flops(device, dtype), "measured matmul"
+
+
+class ThroughputCallback(L.Callback):
+    """Logs training tokens/s and model FLOPs utilisation (MFU) over a moving window of steps.
+
+    MFU = achieved model FLOP/s (6N + attention, from `GPT.flops_per_token`) / the device's peak.
+    On CPUs the peak is measured once with a large matmul in the training dtype.
+    """
+
+    def __init__(self, window: int = 20, peak_flops_per_device: float | None = None) -> None:
+        self.window = window
+        self.peak = peak_flops_per_device
+        self.summary: dict[str, float] = {}
+        self._step_times: list[float] = []
+        self._tokens_per_batch = 0
+        self._flops_per_token = 0.0
+        self._last: float | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.peak is None:
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            self.peak, source = peak_flops(pl_module.device, dtype)
+            log.info("MFU peak: %.3g FLOP/s per device (%s)", self.peak, source)
+        self._flops_per_token = pl_module.model.flops_per_token()
+
+    def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        self._tokens_per_batch = x.numel() * trainer.world_size
+        if self._last is None:
+            self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        now = time.perf_counter()
+        self._step_times = (self._step_times + [now - self._last])[-self.window :]
+        self._last = now
+        if len(self._step_times) < self.window // 2:
+            return  # the first steps include warm-up and would understate throughput
+        seconds = sum(self._step_times) / len(self._step_times)
+        tokens_per_sec = self._tokens_per_batch / seconds
+        mfu = tokens_per_sec * self._flops_per_token / (self.peak * trainer.world_size)
+        self.summary = {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
+        pl_module.log("perf/tokens_per_sec", tokens_per_sec)
+        pl_module.log("perf/mfu", mfu)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._last = None  # validation time is not training time
+
+
+class SampleGenerationCallback(L.Callback):
+    """Every `every_n_steps` (and at the end of training) generates text from fixed prompts and
+    logs it to TensorBoard's Text tab; rank 0 only."""
+
+    def __init__(
+        self,
+        prompts: list[str],
+        every_n_steps: int = 500,
+        max_new_tokens: int = 64,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        top_p: float | None = None,
+        seed: int = 0,
+    ) -> None:
+        if every_n_steps < 1:
+            raise ValueError(f"SampleGenerationCallback.every_n_steps={every_n_steps} must be >= 1")
+        self.prompts = list(prompts)
+        self.every_n_steps = every_n_steps
+        self.max_new_tokens = max_new_tokens
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
+        self.seed = seed
+        self.last_samples: list[str] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+            self.log_samples(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.log_samples(trainer, pl_module)
+
+    @rank_zero_only
+    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.tokenizer_json is None:
+            return
+        tokenizer = Tokenizer.from_str(pl_module.tokenizer_json)
+        self.last_samples = [self.complete(pl_module, tokenizer, p) for p in self.prompts]
+        experiment = getattr(trainer.logger, "experiment", None)
+        if hasattr(experiment, "add_text"):
+            for i, text in enumerate(self.last_samples):
+                # Markdown code block keeps the generated whitespace readable in TensorBoard.
+                experiment.add_text(f"samples/{i}", f"```\n{text}\n```", trainer.global_step)
+
+    def complete(self, pl_module: L.LightningModule, tokenizer: Tokenizer, prompt: str) -> str:
+        ids = tokenizer.encode(prompt).ids or [0]
+        idx = torch.tensor([ids], dtype=torch.long, device=pl_module.device)
+        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
+        was_training = pl_module.training
+        pl_module.eval()
+        out = pl_module.model.generate(
+            idx, self.max_new_tokens, generator=generator, **self.sampling
+        )
+        pl_module.train(was_training)
+        return tokenizer.decode(out[0].tolist())

@@ -1,0 +1,89 @@
+"""LitGPT: the GPT wrapped with its loss, optimizer and LR schedule.
+
+Hyperparameters are plain dicts (model, optimizer, scheduler), so a checkpoint rebuilds the model
+without Hydra: `LitGPT.load_from_checkpoint(path)`. The tokenizer travels inside the checkpoint
+as its JSON text, so a checkpoint alone is enough to generate text.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+
+from gptlab.model import GPT, GPTConfig
+from gptlab.training.optim import (
+    OptimizerConfig,
+    SchedulerConfig,
+    build_optimizer,
+    build_scheduler,
+    dataclass_from_dict,
+)
+
+TOKENIZER_KEY = "gptlab_tokenizer_json"
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of predicting targets[b, t] from logits[b, t]; computed in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+class LitGPT(L.LightningModule):
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.config = GPTConfig.from_dict(dict(model))
+        self.optimizer_config = dataclass_from_dict(
+            OptimizerConfig, dict(optimizer or {}), "optimizer"
+        )
+        self.scheduler_config = dataclass_from_dict(
+            SchedulerConfig, dict(scheduler or {}), "scheduler"
+        )
+        self.model = GPT(self.config)
+        self.val_loss = MeanMetric()
+        self.tokenizer_json: str | None = None
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        x, y = batch
+        loss = next_token_loss(self.model(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        # Weight by token count so val/loss is the exact mean over all validation tokens.
+        self.val_loss.update(next_token_loss(self.model(x), y), weight=y.numel())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
+        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = build_optimizer(self.model, self.optimizer_config)
+        scheduler = build_scheduler(optimizer, self.scheduler_config)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer_json is not None:
+            checkpoint[TOKENIZER_KEY] = self.tokenizer_json
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokenizer_json = checkpoint.get(TOKENIZER_KEY)

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny prepared dataset of real English and Hydra config composition."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from gptlab.cli import CONFIG_DIR
+from gptlab.data.prepare import prepare_dataset
+
+# A model small enough that a training step takes milliseconds on 2 cores.
+TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32"]
+
+
+def small_english_documents(count: int = 120) -> list[str]:
+    """Real prose that imports in milliseconds: pydoc's topic help texts."""
+    from pydoc_data.topics import topics
+
+    return [topics[name] for name in sorted(topics)[:count]]
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out_dir = tmp_path_factory.mktemp("data") / "tiny"
+    prepare_dataset(small_english_documents(), out_dir, vocab_size=512, progress=False)
+    return out_dir
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """Compose a root config as the CLI would, with output paths outside the repository."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir / "logs")
+    return cfg

@@ -1,0 +1,72 @@
+"""The console scripts, run as a user runs them, and the README commands that point at them."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+from tests.conftest import TINY_MODEL, small_english_documents
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args: str, cwd: Path) -> str:
+    """Run console script `name` from the active environment; fail with its output."""
+    script = Path(sys.executable).with_name(name)
+    proc = subprocess.run(
+        [str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout
+
+
+def test_prepare_train_generate_from_the_command_line(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, text in enumerate(small_english_documents(60)):
+        (corpus / f"doc{i:03d}.txt").write_text(text, encoding="utf-8")
+    data = ["data=text_files", f"data.paths=[{corpus}/*.txt]", "tokenizer.vocab_size=400"]
+
+    out = run_script("gptlab-prepare", *data, cwd=tmp_path)
+    assert "unigram entropy" in out
+    assert (tmp_path / "data" / "text_files-bpe400" / "manifest.json").is_file()
+    assert "already prepared" in run_script("gptlab-prepare", *data, cwd=tmp_path)
+
+    train_args = [
+        *data,
+        *TINY_MODEL,
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "scheduler.warmup_steps=1",
+    ]
+    out = run_script("gptlab-train", *train_args, "trainer.enable_progress_bar=false", cwd=tmp_path)
+    assert "val loss" in out and "unigram entropy" in out
+    runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert (runs[0] / ".hydra" / "config.yaml").is_file()
+
+    out = run_script("gptlab-generate", "prompt=The", "max_new_tokens=5", cwd=tmp_path)
+    assert out.startswith("The")
+
+
+def readme_bash_blocks() -> list[str]:
+    return re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), flags=re.S)
+
+
+def test_readme_starts_with_main_job_and_test_commands():
+    main_job, tests = readme_bash_blocks()[:2]
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    for script in ("gptlab-prepare", "gptlab-train", "gptlab-generate"):
+        assert script in main_job and script in scripts
+    assert "pytest" in tests
+    # CI must run exactly the README's test command.
+    assert tests.strip() in (REPO / ".ci" / "run").read_text()
+
+
+def test_console_scripts_are_installed():
+    for script in ("gptlab-prepare", "gptlab-train", "gptlab-generate"):
+        assert shutil.which(script, path=str(Path(sys.executable).parent)), script

@@ -1,0 +1,88 @@
+"""Integration tests of the training path: Hydra composition, LitGPT, callbacks, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptlab.cli.train import train
+from gptlab.training.checkpoint import load_model
+from gptlab.training.optim import SchedulerConfig, lr_factor
+from tests.conftest import TINY_MODEL, compose_config
+
+
+def tiny_run(tiny_data_dir, tmp_path, *extra: str):
+    overrides = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "data.loader.batch_size=16", *extra]
+    return compose_config("train", overrides, tmp_path)
+
+
+def test_fast_dev_run_through_hydra(tiny_data_dir, tmp_path):
+    results = train(tiny_run(tiny_data_dir, tmp_path, "debug=fast_dev_run"))
+    assert results["step"] == 1
+    assert math.isfinite(results["val_loss"])
+
+
+def test_short_run_learns_logs_and_reloads(tiny_data_dir, tmp_path):
+    cfg = tiny_run(
+        tiny_data_dir,
+        tmp_path,
+        "trainer.max_steps=300",
+        "trainer.val_check_interval=150",
+        "scheduler.warmup_steps=5",
+        "callbacks.samples.every_n_steps=150",
+        "callbacks.samples.max_new_tokens=8",
+        "callbacks.throughput.window=10",
+    )
+    results = train(cfg)
+    assert results["step"] == 300
+    # The model must learn more than token frequencies: below the data's unigram entropy.
+    assert results["val_loss"] < results["unigram_entropy"] - 0.3
+    assert results["tokens_per_sec"] > 0 and 0 < results["mfu"] < 1
+    assert len(results["samples"]) == 3
+
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert {"train/loss", "val/loss", "val/ppl", "perf/tokens_per_sec"} <= set(
+        events.Tags()["scalars"]
+    )
+    assert any(tag.startswith("samples/") for tag in events.Tags()["tensors"])
+
+    # The last checkpoint alone rebuilds the model and its tokenizer.
+    model, tokenizer = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    assert tokenizer is not None and tokenizer.decode(tokenizer.encode("The end").ids) == "The end"
+    idx = torch.tensor([tokenizer.encode("The function").ids])
+    assert model(idx).shape == (1, idx.shape[1], model.config.vocab_size)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.n_embd=33", "n_embd"),
+        ("model.position=rop", "rope"),
+        ("optimizer.lr=-1", "optimizer.lr"),
+        ("scheduler.warmup_steps=5000", "warmup_steps"),
+    ],
+)
+def test_bad_values_fail_before_training(tiny_data_dir, tmp_path, override, message):
+    with pytest.raises(ValueError, match=message):
+        train(tiny_run(tiny_data_dir, tmp_path, "debug=fast_dev_run", override))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_misspelt_key_and_group_fail_at_composition(tiny_data_dir, tmp_path):
+    with pytest.raises(ConfigCompositionException, match="n_layr"):
+        tiny_run(tiny_data_dir, tmp_path, "model.n_layr=3")
+    with pytest.raises(ConfigCompositionException, match="nano"):  # lists the valid choices
+        tiny_run(tiny_data_dir, tmp_path, "model=nanoo")
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    cfg = SchedulerConfig(name="cosine", warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, cfg) == pytest.approx(1.0)
+    assert lr_factor(60, cfg) == pytest.approx(0.55)
+    assert lr_factor(110, cfg) == pytest.approx(0.1)
+    assert lr_factor(500, cfg) == pytest.approx(0.1)
