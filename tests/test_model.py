@@ -208,6 +208,7 @@ def test_new_variant_needs_only_registration(monkeypatch):
         (dict(norm="batchnorm"), "norm='batchnorm'.*layernorm, rmsnorm"),
         (dict(mlp="moe"), "mlp='moe'.*gelu, relu2, swiglu"),
         (dict(norm_placement="sandwich"), "norm_placement='sandwich'.*post, pre"),
+        (dict(init="xavier"), "init='xavier'.*gpt2, small_init"),
         (dict(n_embd=30), "n_embd=30.*divisible by n_head=4"),
         (dict(n_kv_heads=3), "n_kv_heads=3"),
         (dict(n_kv_heads=0), "n_kv_heads=0"),
@@ -283,6 +284,19 @@ def test_init_scales_residual_projections():
     assert block.attn.c_attn.weight.std().item() == pytest.approx(std, rel=0.05)
     assert model.wte.weight.std().item() == pytest.approx(std, rel=0.05)
     assert torch.all(block.attn.c_attn.bias == 0) and torch.all(block.norm_1.weight == 1)
+
+
+def test_small_init_scales_with_width_and_depth():
+    torch.manual_seed(0)
+    n_layer, d = 8, 256
+    cfg = GPTConfig(vocab_size=256, n_layer=n_layer, n_embd=d, n_head=4, init="small_init")
+    model = GPT(cfg)
+    small, wang = math.sqrt(2 / (5 * d)), 2 / (n_layer * math.sqrt(d))  # 0.0395, 0.0156
+    block = model.blocks[3]
+    assert block.attn.c_attn.weight.std().item() == pytest.approx(small, rel=0.05)
+    assert model.wte.weight.std().item() == pytest.approx(small, rel=0.05)
+    assert block.attn.c_proj.weight.std().item() == pytest.approx(wang, rel=0.05)
+    assert block.mlp.c_proj.weight.std().item() == pytest.approx(wang, rel=0.05)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -9,7 +9,10 @@ Features (each chosen by name in `GPTConfig`; the names live in small registries
 - positions: "learned" (GPT-2 table), "sinusoidal" (computed on the fly), "rope", "alibi", "none".
 - norms: "layernorm", "rmsnorm"; pre-norm or post-norm blocks.
 - MLPs: "gelu" (GPT-2), "swiglu" (LLaMA), "relu2" (Primer).
+- init schemes: "gpt2" (N(0, init_std), residual projections scaled by depth) and "small_init"
+  (GPT-NeoX's width-scaled scheme).
 - KV-cached incremental decoding, and sampling with temperature / top-k / top-p.
+- `record_attention`: every layer's attention probabilities, for diagnostics.
 - parameter and training-FLOP accounting for MFU.
 
 Adding a variant is one class with a `@register(...)` line; nothing else needs editing.
@@ -18,9 +21,11 @@ Adding a variant is one class with a `@register(...)` line; nothing else needs e
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -30,13 +35,16 @@ ATTENTION_BACKENDS: dict[str, type[nn.Module]] = {}
 POSITIONS: dict[str, type[Position]] = {}
 NORMS: dict[str, type[nn.Module]] = {}
 MLPS: dict[str, type[nn.Module]] = {}
+INIT_SCHEMES: dict[str, type[InitScheme]] = {}
 NORM_PLACEMENTS = ("pre", "post")
 
+_Variant = TypeVar("_Variant", bound=type)
 
-def register(registry: dict[str, type], name: str) -> Callable[[type], type]:
+
+def register(registry: dict[str, type], name: str) -> Callable[[_Variant], _Variant]:
     """Class decorator: make a variant selectable by `name` from the config."""
 
-    def add(cls: type) -> type:
+    def add(cls: _Variant) -> _Variant:
         registry[name] = cls
         return cls
 
@@ -66,7 +74,8 @@ class GPTConfig:
     qk_norm: bool = False
     sliding_window: int | None = None  # tokens a query sees, itself included; None = full causal
     tie_weights: bool = True
-    init_std: float = 0.02
+    init: str = "gpt2"  # weight initialisation scheme
+    init_std: float = 0.02  # the "gpt2" scheme's standard deviation
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -77,6 +86,7 @@ class GPTConfig:
             ("position", POSITIONS, "position encoding"),
             ("norm", NORMS, "norm"),
             ("mlp", MLPS, "MLP"),
+            ("init", INIT_SCHEMES, "init scheme"),
             ("norm_placement", dict.fromkeys(NORM_PLACEMENTS), "norm placement"),
         ):
             if getattr(self, name) not in registry:
@@ -133,6 +143,51 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# ----------------------------------------------------------------------------- init schemes
+# A scheme is two numbers: the standard deviation of every linear and embedding weight, and a
+# smaller one for the projections that write into the residual stream (attention and MLP
+# `c_proj`). `GPT.init_weights` applies them; biases start at zero and norm gains at one.
+
+
+class InitScheme(ABC):
+    @staticmethod
+    @abstractmethod
+    def std(config: GPTConfig) -> float: ...
+
+    @staticmethod
+    @abstractmethod
+    def residual_std(config: GPTConfig) -> float: ...
+
+
+@register(INIT_SCHEMES, "gpt2")
+class GPT2Init(InitScheme):
+    """N(0, init_std); residual projections shrunk by 1/sqrt(2 * n_layer), since 2 * n_layer of
+    them are summed and the stream's variance would otherwise grow with depth."""
+
+    @staticmethod
+    def std(config: GPTConfig) -> float:
+        return config.init_std
+
+    @staticmethod
+    def residual_std(config: GPTConfig) -> float:
+        return config.init_std / math.sqrt(2 * config.n_layer)
+
+
+@register(INIT_SCHEMES, "small_init")
+class SmallInit(InitScheme):
+    """GPT-NeoX's scheme, scaled by width d = n_embd instead of a fixed init_std: "small init"
+    sqrt(2 / (5 d)) (Nguyen & Salazar 2019) and, for residual projections, Wang's
+    2 / (n_layer * sqrt(d)). init_std is not used."""
+
+    @staticmethod
+    def std(config: GPTConfig) -> float:
+        return math.sqrt(2 / (5 * config.n_embd))
+
+    @staticmethod
+    def residual_std(config: GPTConfig) -> float:
+        return 2 / (config.n_layer * math.sqrt(config.n_embd))
 
 
 # ----------------------------------------------------------------------------- norms
@@ -233,14 +288,16 @@ class LearnedPosition(Position):
 class SinusoidalPosition(Position):
     """Vaswani et al. table, computed on the fly so any length works and nothing is stored.
 
-    Scaled to the token embeddings' initial RMS (init_std): at unit amplitude the fixed table
-    would drown the small-initialised token signal (Vaswani instead scale tokens up by sqrt(C)).
+    Scaled to the token embeddings' initial RMS (the init scheme's std): at unit amplitude the
+    fixed table would drown the small-initialised token signal (Vaswani instead scale tokens up
+    by sqrt(C)).
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
         self.dim = config.n_embd
-        self.scale = config.init_std * math.sqrt(2)  # sin and cos have RMS 1/sqrt(2)
+        embedding_std = INIT_SCHEMES[config.init].std(config)
+        self.scale = embedding_std * math.sqrt(2)  # sin and cos have RMS 1/sqrt(2)
 
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:
         i = torch.arange(0, self.dim, 2, device=pos.device, dtype=torch.float32)
@@ -329,7 +386,14 @@ class SDPAttention(nn.Module):
 
 @register(ATTENTION_BACKENDS, "eager")
 class EagerAttention(nn.Module):
-    """Every step spelled out; slower and hungrier than sdpa, but easy to inspect or modify."""
+    """Every step spelled out; slower and hungrier than sdpa, but easy to inspect or modify.
+
+    With a `record` list, each call appends its attention probabilities (see `record_attention`).
+    """
+
+    def __init__(self, record: list[Tensor] | None = None) -> None:
+        super().__init__()
+        self.record = record
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
@@ -338,7 +402,9 @@ class EagerAttention(nn.Module):
         if mask is None:
             mask = torch.full((Tq, Tk), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
-        weights = F.softmax(scores + mask, dim=-1)
+        weights = F.softmax(scores + mask, dim=-1)  # (B, nh, Tq, Tk)
+        if self.record is not None:
+            self.record.append(weights.detach())
         weights = F.dropout(weights, p=dropout_p)  # dropout_p is 0 outside training
         return weights @ v  # (B, nh, Tq, hs)
 
@@ -474,11 +540,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The whole initialisation scheme (GPT-2): N(0, init_std) for every linear and embedding
-        weight, zero biases, unit norm gains, and the projections that write into the residual
-        stream (attention and MLP `c_proj`) shrunk by 1/sqrt(2 * n_layer), since 2 * n_layer
-        of them are summed and the stream's variance would otherwise grow with depth."""
-        std = self.config.init_std
+        """The whole initialisation, as `config.init` names it (see the init schemes above)."""
+        scheme = INIT_SCHEMES[self.config.init]
+        std, residual_std = scheme.std(self.config), scheme.residual_std(self.config)
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -488,7 +552,7 @@ class GPT(nn.Module):
                 module.reset_parameters()
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+                nn.init.normal_(param, mean=0.0, std=residual_std)
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:
         """An empty cache for up to `max_len` tokens (default: block_size). Batch size, dtype and
@@ -624,6 +688,26 @@ class GPT(nn.Module):
             )
         )
         return torch.cat([idx, *(t[:, None] for t in new)], dim=1)
+
+
+@contextmanager
+def record_attention(model: GPT) -> Iterator[list[Tensor]]:
+    """Record attention probabilities: inside the `with` block, every forward appends each
+    layer's softmax weights, (B, n_head, Tq, Tk) in layer order, to the yielded list.
+
+    The layers run on the eager backend meanwhile (sdpa never materialises the weights, and
+    agrees with eager within 1e-5), so the model's normal path pays nothing for this hook.
+    """
+    probs: list[Tensor] = []
+    layers = [block.attn for block in model.blocks]
+    backends = [layer.backend for layer in layers]
+    for layer in layers:
+        layer.backend = EagerAttention(record=probs)
+    try:
+        yield probs
+    finally:
+        for layer, backend in zip(layers, backends, strict=True):
+            layer.backend = backend
 
 
 def sample(
