@@ -1,0 +1,98 @@
+"""The ablation analysis: sweep folders read back into tables and plots with the right numbers,
+and the length-generalisation evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from experiments.ablations.analyze import analyze, group_by_variant
+from experiments.ablations.length_generalisation import evaluate_job, loss_by_position
+from gptlab.analysis import count_params, find_sweep, load_sweep
+from gptlab.data.datamodule import GPTDataModule
+from gptlab.model import GPT, GPTConfig
+from gptlab.training.lit_gpt import next_token_loss
+
+TINY = dict(vocab_size=512, block_size=16, n_layer=1, n_head=2, n_embd=16)
+
+
+def write_job(
+    sweep: Path,
+    num: int,
+    position: str,
+    seed: int,
+    val_losses: list[float],
+    data_dir: Path | str = "unused",
+) -> None:
+    """A sweep job folder as gptlab-train -m leaves it: overrides, config, events, checkpoint."""
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(
+        f"- model/position={position}\n- seed={seed}\n- experiment=position_ablation\n"
+    )
+    (job / ".hydra" / "config.yaml").write_text(f"data:\n  dir: {data_dir}\n")
+    writer = SummaryWriter(str(job / "tensorboard"))
+    for i, loss in enumerate(val_losses):
+        writer.add_scalar("val/loss", loss, 10 * (i + 1))
+    for step, tps in enumerate([100.0, 1000.0 * seed, 1000.0 * seed]):  # median: 1000 * seed
+        writer.add_scalar("perf/tokens_per_sec", tps, step)
+    for layer, sink in enumerate([0.2, 0.4]):
+        writer.add_scalar(f"attention/sink/layer_{layer}", sink, 30)
+        writer.add_scalar(f"attention/entropy/layer_{layer}", 1.0 + layer, 30)
+    writer.close()
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(**TINY, position=position))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    (job / "checkpoints").mkdir()
+    torch.save(
+        {"hyper_parameters": {"model": model.config.to_dict()}, "state_dict": state},
+        job / "checkpoints" / "last.ckpt",
+    )
+
+
+def test_table_and_plot_of_a_sweep(tmp_path):
+    sweep = tmp_path / "logs" / "position_ablation" / "multiruns" / "2026-01-01_00-00-00"
+    write_job(sweep, 0, "rope", 1, [5.0, 3.0])
+    write_job(sweep, 1, "rope", 2, [5.0, 3.2])
+    write_job(sweep, 2, "learned", 1, [5.0, 4.0])
+    write_job(sweep, 3, "learned", 2, [5.0, 4.0])
+    (sweep / "4").mkdir()  # a job that never started: no .hydra, ignored
+    assert find_sweep(tmp_path / "logs", "position_ablation") == sweep
+    assert list(group_by_variant(load_sweep(sweep))) == ["rope", "learned"]
+
+    summaries = analyze("position_ablation", sweep, tmp_path / "out")
+    rope, learned = summaries
+    assert rope.val_loss == pytest.approx((3.1, 0.1414), abs=1e-4)
+    assert learned.val_loss == pytest.approx((4.0, 0.0))
+    assert rope.tokens_per_sec == pytest.approx((1500.0, 707.1), abs=0.1)
+    assert rope.curve == {10: [5.0, 5.0], 20: pytest.approx([3.0, 3.2])}
+    assert (rope.sink, rope.entropy) == (pytest.approx(0.3), pytest.approx(1.5))
+    assert rope.params == count_params(GPTConfig(**TINY, position="rope"))
+    assert learned.params == rope.params + TINY["block_size"] * TINY["n_embd"]
+    table = (tmp_path / "out" / "position_ablation.md").read_text()
+    assert "| rope | 11,504 | 3.100 ± 0.141 (n=2) | +0.000 | 1,500 ± 707 | 1.50 | 0.300 |" in table
+    assert "| learned | 11,760 | 4.000 ± 0.000 (n=2) | +0.900 |" in table
+    assert (tmp_path / "out" / "position_ablation.png").stat().st_size > 10_000
+
+
+def test_loss_by_position_averages_to_the_mean_loss(tiny_data_dir):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, position="alibi")).eval()
+    batches = list(GPTDataModule(tiny_data_dir, 32, batch_size=8, val_windows=36).val_dataloader())
+    by_position = loss_by_position(model, batches)
+    assert by_position.shape == (32,)
+    with torch.no_grad():  # batches may differ in size: weight each by its windows
+        total = sum(next_token_loss(model(x), y) * len(x) for x, y in batches)
+    torch.testing.assert_close(by_position.mean(), total / sum(len(x) for x, _ in batches))
+
+
+def test_length_evaluation_runs_past_block_size_except_learned(tiny_data_dir, tmp_path):
+    write_job(tmp_path, 0, "rope", 1, [4.0], data_dir=tiny_data_dir)
+    write_job(tmp_path, 1, "learned", 1, [4.0], data_dir=tiny_data_dir)
+    rope, learned = load_sweep(tmp_path)
+    losses = evaluate_job(rope, factor=2)
+    assert losses.shape == (2 * TINY["block_size"],) and torch.isfinite(losses).all()
+    assert evaluate_job(learned, factor=2) == "n/a: the learned table has 16 positions"
