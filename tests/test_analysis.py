@@ -10,7 +10,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from experiments.ablations.analyze import analyze, group_by_variant
-from experiments.ablations.length_generalisation import evaluate_job, loss_by_position
+from experiments.ablations.length_generalisation import (
+    evaluate_job,
+    length_table,
+    loss_by_position,
+)
 from gptlab.analysis import count_params, find_sweep, load_sweep
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT, GPTConfig
@@ -96,3 +100,11 @@ def test_length_evaluation_runs_past_block_size_except_learned(tiny_data_dir, tm
     losses = evaluate_job(rope, factor=2)
     assert losses.shape == (2 * TINY["block_size"],) and torch.isfinite(losses).all()
     assert evaluate_job(learned, factor=2) == "n/a: the learned table has 16 positions"
+
+
+def test_length_table_compares_beyond_with_the_late_range():
+    # Positions 1-4 at 3.0, 5-8 (late in range) at 2.0, 9-16 (beyond) at 2.5; a second seed +1.
+    run = torch.cat([torch.full((4,), 3.0), torch.full((4,), 2.0), torch.full((8,), 2.5)])
+    table = length_table({"rope": [run, run + 1], "learned": ["n/a: why"]}, 8, 2)
+    assert "| rope | 3.000 ± 0.707 | 2.500 ± 0.707 | 3.000 ± 0.707 | +0.500 ± 0.000 |" in table
+    assert "| learned | n/a: why |" in table

@@ -53,25 +53,31 @@ def evaluate_job(job: SweepJob, factor: int, batch_size: int = 16) -> Tensor | s
 
 
 def length_table(results: dict[str, list[Tensor | str]], block_size: int, factor: int) -> str:
-    T = block_size
+    """Mean ± std over seeds of the loss in position ranges. "beyond − late" compares positions
+    past training length with the second half of the trained range, where context is already
+    long: about 0 or below when a model extrapolates, clearly above when it breaks down."""
+    T, half, end = block_size, block_size // 2, factor * block_size
     lines = [
-        f"| position | loss, positions 1–{T} | loss, positions {T + 1}–{factor * T} "
-        f"| change beyond {T} | loss over all {factor * T} |",
+        f"| position | loss, positions 1–{T} | late: {half + 1}–{T} | beyond: {T + 1}–{end} "
+        "| beyond − late |",
         "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, runs in results.items():
         if isinstance(runs[0], str):
             lines.append(f"| {name} | {runs[0]} | | | |")
             continue
-        inside = mean_std([r[:T].mean().item() for r in runs])
-        beyond = mean_std([r[T:].mean().item() for r in runs])
-        change = mean_std([(r[T:].mean() - r[:T].mean()).item() for r in runs])
-        whole = mean_std([r.mean().item() for r in runs])
-        lines.append(
-            f"| {name} | {inside[0]:.3f} ± {inside[1]:.3f} | {beyond[0]:.3f} ± {beyond[1]:.3f} "
-            f"| {change[0]:+.3f} ± {change[1]:.3f} | {whole[0]:.3f} ± {whole[1]:.3f} |"
-        )
+        in_range = [r[:T].mean().item() for r in runs]
+        late = [r[half:T].mean().item() for r in runs]
+        beyond = [r[T:end].mean().item() for r in runs]
+        excess = [b - a for a, b in zip(late, beyond, strict=True)]
+        cells = [_mean_std(v) for v in (in_range, late, beyond)] + [_mean_std(excess, "+")]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_std(values: list[float], sign: str = "") -> str:
+    mean, std = mean_std(values)
+    return f"{mean:{sign}.3f} ± {std:.3f}"
 
 
 def plot_by_position(results: dict[str, list[Tensor | str]], block_size: int, path: Path) -> None:
