@@ -17,6 +17,7 @@ from gptlab.model import GPTConfig
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
 from gptlab.training.checkpoint import resolve_checkpoint
 from gptlab.training.lit_gpt import LitGPT
+from gptlab.training.scale import set_global_batch
 
 
 def plain(node: DictConfig | None) -> dict[str, Any]:
@@ -30,7 +31,13 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
         model["vocab_size"] = datamodule.vocab_size
     GPTConfig.from_dict(dict(model))  # validate before anything heavy happens
     datamodule.check_vocab(model["vocab_size"])
-    lit = LitGPT(model=model, optimizer=plain(cfg.optimizer), scheduler=plain(cfg.scheduler))
+    lit = LitGPT(
+        model=model,
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        compile=cfg.compile,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
     lit.tokenizer_json = datamodule.tokenizer_path.read_text(encoding="utf-8")
     return lit
 
@@ -51,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         ckpt_path = str(resolve_checkpoint(ckpt_path, cfg.paths.log_dir, cfg.task_name))
