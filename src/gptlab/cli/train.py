@@ -17,7 +17,7 @@ from gptlab.model import GPTConfig
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
 from gptlab.training.checkpoint import resolve_checkpoint
 from gptlab.training.lit_gpt import LitGPT
-from gptlab.training.scale import set_global_batch
+from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
 
 def plain(node: DictConfig | None) -> dict[str, Any]:
@@ -59,6 +59,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
+    check_launch(trainer)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         ckpt_path = str(resolve_checkpoint(ckpt_path, cfg.paths.log_dir, cfg.task_name))
@@ -108,6 +109,7 @@ def print_results(results: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    keep_log_file_on_rank_zero()
     train(cfg)
 
 

@@ -12,8 +12,7 @@ group dicts, so an LR scheduler, gradient clipping or a grad scaler walking them
 
 from __future__ import annotations
 
-from collections import ChainMap
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -23,6 +22,29 @@ from torch import nn
 def hidden_matrices(model: nn.Module) -> list[nn.Parameter]:
     """The trainable 2-D weights inside `model.blocks` (attention and MLP projections)."""
     return [p for p in model.blocks.parameters() if p.requires_grad and p.ndim == 2]
+
+
+class MergedState(Mapping):
+    """Per-parameter states of optimizers over disjoint parameters, read as one mapping.
+
+    Read-only, and lookups never create entries (a ChainMap over the optimizers' defaultdicts
+    would file every missing parameter under the first optimizer)."""
+
+    def __init__(self, *states: Mapping) -> None:
+        self.states = states
+
+    def __getitem__(self, param: torch.Tensor) -> Any:
+        for state in self.states:
+            if param in state:
+                return state[param]
+        raise KeyError(param)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for state in self.states:
+            yield from state
+
+    def __len__(self) -> int:
+        return sum(len(state) for state in self.states)
 
 
 class MuonWithAdamW(torch.optim.Optimizer):
@@ -37,7 +59,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def _share_inner_state(self) -> None:
         # The inner optimizers' own objects, not copies: writing group["lr"] here changes them.
         self.param_groups = self.muon.param_groups + self.adamw.param_groups
-        self.state = ChainMap(self.muon.state, self.adamw.state)
+        self.state = MergedState(self.muon.state, self.adamw.state)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:

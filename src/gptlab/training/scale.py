@@ -7,10 +7,14 @@ The model file stays plain single-device PyTorch; everything here wraps or confi
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from lightning.pytorch.strategies import FSDPStrategy, Strategy
+from lightning.pytorch.utilities import rank_zero_only
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
     apply_activation_checkpointing,
 )
@@ -80,6 +84,40 @@ def check_optimizer_strategy(optimizer_name: str, strategy: Strategy) -> None:
             "optimizer=muon does not work with trainer=fsdp (FSDP shards each weight matrix "
             "into flat pieces, Muon orthogonalises whole matrices); use trainer=ddp or "
             "optimizer=adamw"
+        )
+
+
+def is_global_rank_zero() -> bool:
+    """From the launcher's environment (RANK, LOCAL_RANK, SLURM_PROCID; NODE_RANK for
+    Lightning's own multi-node launch), so it is known before any Trainer exists."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def keep_log_file_on_rank_zero() -> None:
+    """One text log per run: other ranks keep logging to the console but not to the run's
+    log file. Hydra opens that file lazily (hydra/default.yaml sets `delay: true`), so a rank
+    that drops the handler before logging anything leaves no file behind."""
+    if is_global_rank_zero():
+        return
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def check_launch(trainer: L.Trainer) -> None:
+    """Refuse the one launch that cannot work: a Hydra multirun (-m) in which Lightning starts
+    the extra DDP ranks itself. It restarts the script with the original command line, so every
+    extra rank would run the whole sweep on its own."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    environment = getattr(trainer.strategy, "cluster_environment", None)
+    spawns = environment is not None and not environment.creates_processes_externally
+    if spawns and trainer.num_devices > 1:
+        raise ValueError(
+            f"a Hydra multirun (-m) cannot start {trainer.num_devices} DDP processes per "
+            "job itself; launch the sweep with torchrun (README: Speed and scale) or run "
+            "the jobs one at a time"
         )
 
 
