@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import hydra
@@ -49,13 +50,14 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None]
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train as `cfg` says and return the final metrics. Every config error surfaces before the
-    first step: the model, optimizer, schedule, data and Trainer are all built first."""
+    first step: the model, optimizer, schedule, data and Trainer are all built first.
+    `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule: GPTDataModule = instantiate(cfg.data.loader)
     model = build_model(cfg, datamodule)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     set_global_batch(trainer, cfg.global_batch_tokens, datamodule)

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 
 from gptlab.model import GPT
 from gptlab.training.checkpoint import gpt_weights
+from gptlab.training.scale import is_logging_step
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,9 @@ class ThroughputCallback(L.Callback):
         tokens_per_sec = self._tokens_per_batch / seconds
         mfu = tokens_per_sec * self._flops_per_token / (self.peak * trainer.world_size)
         self.summary = {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
-        pl_module.log("perf/tokens_per_sec", tokens_per_sec)
-        pl_module.log("perf/mfu", mfu)
+        if is_logging_step(trainer, trainer.global_step):
+            pl_module.log("perf/tokens_per_sec", tokens_per_sec)
+            pl_module.log("perf/mfu", mfu)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last = None  # validation time is not training time

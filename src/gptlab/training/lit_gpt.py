@@ -23,7 +23,12 @@ from gptlab.training.optim import (
     build_scheduler,
     dataclass_from_dict,
 )
-from gptlab.training.scale import check_optimizer_strategy, check_switches, speed_up_model
+from gptlab.training.scale import (
+    check_optimizer_strategy,
+    check_switches,
+    is_logging_step,
+    speed_up_model,
+)
 
 TOKENIZER_KEY = "gptlab_tokenizer_json"
 
@@ -79,7 +84,10 @@ class LitGPT(L.LightningModule):
     ) -> torch.Tensor:
         x, y = batch
         loss = next_token_loss(self.model(x), y)
-        self.log("train/loss", loss, prog_bar=True)
+        # A progress bar shows the loss every step; without one, log only what gets written.
+        trainer = self.trainer
+        if trainer.progress_bar_callback or is_logging_step(trainer, self.global_step + 1):
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
