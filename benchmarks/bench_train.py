@@ -6,10 +6,10 @@ For each model shape, trains N steps with
   (b) gptlab's Trainer path: `gptlab.cli.train.train` on the composed Hydra config, with the
       callbacks and TensorBoard logger of a normal run (progress bar off),
 interleaved a, b, a, b, ... so that load from other processes hits both alike. Prints median
-ms/step, tokens/s, MFU against a peak measured with a large matmul (on GPUs: the spec-sheet peak
-of the training dtype) and the ratio (b)/(a). Then: loader throughput against the training
-consumption rate, generation tokens/s with and without the KV cache and, on CPUs, the effect of
-bf16 autocast and torch.compile on the plain loop.
+ms/step, tokens/s, MFU against a peak measured with a large matmul in the training dtype (or
+--peak, e.g. a datasheet's dense bf16 number) and the ratio (b)/(a). Then: loader throughput
+against the training consumption rate, generation tokens/s with and without the KV cache and,
+on CPUs, the effect of bf16 autocast and torch.compile on the plain loop.
 
     python benchmarks/bench_train.py --out benchmarks/results_cpu.md         # CPU: tiny, small
     python benchmarks/bench_train.py --device cuda --shapes gpt2 --precision bf16-mixed --compile
@@ -39,6 +39,7 @@ import lightning as L
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.fabric.utilities.throughput import get_available_flops
 from omegaconf import DictConfig, open_dict
 
 from gptlab.cli import CONFIG_DIR
@@ -46,7 +47,7 @@ from gptlab.cli.prepare import prepare
 from gptlab.cli.train import build_model, train
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT
-from gptlab.training.callbacks import peak_flops
+from gptlab.training.callbacks import measure_matmul_flops
 from gptlab.training.lit_gpt import next_token_loss
 from gptlab.training.optim import build_optimizer, build_scheduler
 
@@ -290,6 +291,16 @@ def cpu_effects(cfg: DictConfig, device: torch.device) -> list[tuple[str, float,
     return rows
 
 
+def measure_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """The best of a few large-matmul measurements (the device's achievable peak)."""
+    return max(measure_matmul_flops(device, dtype) for _ in range(3))
+
+
+def spec_sheet(device: torch.device, dtype: torch.dtype) -> str:
+    spec = get_available_flops(device, dtype) if device.type == "cuda" else None
+    return f"; spec sheet (Lightning's table) {spec:.3g} FLOP/s" if spec else ""
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -343,6 +354,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved (a, b) pairs")
     parser.add_argument("--data-dir", type=Path, default=Path("data/builtin-bpe4096"))
     parser.add_argument("--gen-tokens", type=int, default=256)
+    parser.add_argument(
+        "--peak",
+        type=float,
+        default=0,
+        help="MFU peak FLOP/s, e.g. a datasheet's dense bf16 "
+        "number (default: measured with a large matmul)",
+    )
     parser.add_argument("--skip-extras", action="store_true", help="only the (a)/(b) comparison")
     parser.add_argument("--out", type=Path, help="also write the report (markdown) here")
     args = parser.parse_args()
@@ -356,7 +374,7 @@ def main() -> None:
     load_before = os.getloadavg()
 
     dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
-    peak, source = peak_flops(device, dtype)
+    peak, source = (args.peak, "given") if args.peak else (measure_peak(device, dtype), "measured")
     log(f"peak {peak:.3g} FLOP/s ({source}, {dtype})")
     results = [compare_paths(args, name, peak, device) for name in args.shapes]
 
@@ -370,7 +388,7 @@ def main() -> None:
         f"python {platform.python_version()}, {torch.get_num_threads()} torch threads",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- precision {args.precision}, compile {args.compile}; MFU peak {peak:.3g} FLOP/s "
-        f"({source}, {dtype})",
+        f"({source}, {dtype}){spec_sheet(device, dtype)}",
         f"- load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",
         "",
         "## Trainer path vs plain PyTorch",

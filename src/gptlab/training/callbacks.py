@@ -19,8 +19,12 @@ from gptlab.training.scale import is_logging_step
 log = logging.getLogger(__name__)
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
-    """Achieved FLOP/s of a large square matmul: the practical peak where no spec sheet applies."""
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype, size: int | None = None
+) -> float:
+    """Achieved FLOP/s of a large square matmul: the practical peak where no spec sheet applies.
+    The default size (1024 on CPUs, 8192 on GPUs) is large enough to reach the device's peak."""
+    size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
