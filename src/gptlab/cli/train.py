@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import hydra
@@ -17,6 +18,7 @@ from gptlab.model import GPTConfig
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
 from gptlab.training.checkpoint import resolve_checkpoint
 from gptlab.training.lit_gpt import LitGPT
+from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
 
 def plain(node: DictConfig | None) -> dict[str, Any]:
@@ -30,7 +32,13 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
         model["vocab_size"] = datamodule.vocab_size
     GPTConfig.from_dict(dict(model))  # validate before anything heavy happens
     datamodule.check_vocab(model["vocab_size"])
-    lit = LitGPT(model=model, optimizer=plain(cfg.optimizer), scheduler=plain(cfg.scheduler))
+    lit = LitGPT(
+        model=model,
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        compile=cfg.compile,
+        activation_checkpointing=cfg.activation_checkpointing,
+    )
     lit.tokenizer_json = datamodule.tokenizer_path.read_text(encoding="utf-8")
     return lit
 
@@ -42,15 +50,18 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None]
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train as `cfg` says and return the final metrics. Every config error surfaces before the
-    first step: the model, optimizer, schedule, data and Trainer are all built first."""
+    first step: the model, optimizer, schedule, data and Trainer are all built first.
+    `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule: GPTDataModule = instantiate(cfg.data.loader)
     model = build_model(cfg, datamodule)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
+    check_launch(trainer)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         ckpt_path = str(resolve_checkpoint(ckpt_path, cfg.paths.log_dir, cfg.task_name))
@@ -100,6 +111,7 @@ def print_results(results: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
+    keep_log_file_on_rank_zero()
     train(cfg)
 
 

@@ -9,14 +9,22 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.strategies import FSDPStrategy
 from tokenizers import Tokenizer
+
+from gptlab.model import GPT
+from gptlab.training.checkpoint import gpt_weights
+from gptlab.training.scale import is_logging_step
 
 log = logging.getLogger(__name__)
 
 
-def measure_matmul_flops(device: torch.device, dtype: torch.dtype, size: int = 1024) -> float:
-    """Achieved FLOP/s of a large square matmul: the practical peak where no spec sheet applies."""
+def measure_matmul_flops(
+    device: torch.device, dtype: torch.dtype, size: int | None = None
+) -> float:
+    """Achieved FLOP/s of a large square matmul: the practical peak where no spec sheet applies.
+    The default size (1024 on CPUs, 8192 on GPUs) is large enough to reach the device's peak."""
+    size = size or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
@@ -54,12 +62,15 @@ class ThroughputCallback(L.Callback):
         self._flops_per_token = 0.0
         self._last: float | None = None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before any strategy wraps the model: FSDP would leave each rank a shard to count.
+        self._flops_per_token = pl_module.model.flops_per_token()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.peak is None:
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
             self.peak, source = peak_flops(pl_module.device, dtype)
             log.info("MFU peak: %.3g FLOP/s per device (%s)", self.peak, source)
-        self._flops_per_token = pl_module.model.flops_per_token()
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         x, _ = batch
@@ -77,8 +88,9 @@ class ThroughputCallback(L.Callback):
         tokens_per_sec = self._tokens_per_batch / seconds
         mfu = tokens_per_sec * self._flops_per_token / (self.peak * trainer.world_size)
         self.summary = {"tokens_per_sec": tokens_per_sec, "mfu": mfu}
-        pl_module.log("perf/tokens_per_sec", tokens_per_sec)
-        pl_module.log("perf/mfu", mfu)
+        if is_logging_step(trainer, trainer.global_step):
+            pl_module.log("perf/tokens_per_sec", tokens_per_sec)
+            pl_module.log("perf/mfu", mfu)
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last = None  # validation time is not training time
@@ -114,26 +126,42 @@ class SampleGenerationCallback(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         self.log_samples(trainer, pl_module)
 
-    @rank_zero_only
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.tokenizer_json is None:
             return
+        model = self.whole_model(trainer, pl_module)  # every rank joins (FSDP gathers weights)
+        if not trainer.is_global_zero:
+            return
         tokenizer = Tokenizer.from_str(pl_module.tokenizer_json)
-        self.last_samples = [self.complete(pl_module, tokenizer, p) for p in self.prompts]
+        self.last_samples = [self.complete(model, tokenizer, p) for p in self.prompts]
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             for i, text in enumerate(self.last_samples):
                 # Markdown code block keeps the generated whitespace readable in TensorBoard.
                 experiment.add_text(f"samples/{i}", f"```\n{text}\n```", trainer.global_step)
 
-    def complete(self, pl_module: L.LightningModule, tokenizer: Tokenizer, prompt: str) -> str:
+    @staticmethod
+    def whole_model(trainer: L.Trainer, pl_module: L.LightningModule) -> GPT:
+        """The GPT to sample from. FSDP leaves each rank a shard of the weights, so the full
+        weights are gathered (a collective every rank must join) into a plain copy on rank 0."""
+        if not isinstance(trainer.strategy, FSDPStrategy):
+            return pl_module.model
+        state = trainer.strategy.lightning_module_state_dict()  # full on rank 0, empty elsewhere
+        if not trainer.is_global_zero:
+            return pl_module.model
+        model = GPT(pl_module.config)
+        model.load_state_dict(gpt_weights(state))
+        return model.to(pl_module.device)
+
+    def complete(self, model: GPT, tokenizer: Tokenizer, prompt: str) -> str:
+        device = model.wte.weight.device
         ids = tokenizer.encode(prompt).ids or [0]
-        idx = torch.tensor([ids], dtype=torch.long, device=pl_module.device)
-        generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        was_training = pl_module.training
-        pl_module.eval()
-        out = pl_module.model.generate(
-            idx, self.max_new_tokens, generator=generator, **self.sampling
-        )
-        pl_module.train(was_training)
+        idx = torch.tensor([ids], dtype=torch.long, device=device)
+        generator = torch.Generator(device=device).manual_seed(self.seed)
+        was_training = model.training
+        model.eval()
+        # A compiled forward would recompile for every new sequence length; decode eagerly.
+        with torch.compiler.set_stance("force_eager"):
+            out = model.generate(idx, self.max_new_tokens, generator=generator, **self.sampling)
+        model.train(was_training)
         return tokenizer.decode(out[0].tolist())

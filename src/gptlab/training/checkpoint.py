@@ -44,6 +44,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
         raise ValueError(f"cannot read checkpoint {path}: {err}") from err
 
 
+def gpt_weights(lit_state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The GPT's own entries of a LitGPT state dict (`model.wte.weight` -> `wte.weight`)."""
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in lit_state_dict.items() if k.startswith(prefix)}
+
+
 def load_model(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[GPT, Tokenizer | None]:
@@ -56,11 +62,7 @@ def load_model(
             f"{path} is not a gptlab-train checkpoint (no model hyperparameters)"
         ) from err
     model = GPT(GPTConfig.from_dict(dict(model_hparams)))
-    prefix = "model."
-    state = {
-        k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)
-    }
-    model.load_state_dict(state)
+    model.load_state_dict(gpt_weights(checkpoint["state_dict"]))
     model.to(device).eval()
     tokenizer_json = checkpoint.get(TOKENIZER_KEY)
     return model, Tokenizer.from_str(tokenizer_json) if tokenizer_json else None

@@ -12,6 +12,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
 from gptlab.model import GPT, GPTConfig
@@ -21,6 +22,12 @@ from gptlab.training.optim import (
     build_optimizer,
     build_scheduler,
     dataclass_from_dict,
+)
+from gptlab.training.scale import (
+    check_optimizer_strategy,
+    check_switches,
+    is_logging_step,
+    speed_up_model,
 )
 
 TOKENIZER_KEY = "gptlab_tokenizer_json"
@@ -37,8 +44,11 @@ class LitGPT(L.LightningModule):
         model: dict[str, Any],
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
+        compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
+        check_switches(compile=compile, activation_checkpointing=activation_checkpointing)
         self.save_hyperparameters()
         self.config = GPTConfig.from_dict(dict(model))
         self.optimizer_config = dataclass_from_dict(
@@ -50,6 +60,21 @@ class LitGPT(L.LightningModule):
         self.model = GPT(self.config)
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
+        self._sped_up = False
+
+    def configure_model(self) -> None:
+        # Lightning calls this before wrapping the model in a strategy (DDP, FSDP) and again on
+        # later fit/validate calls, so apply the options once. Under FSDP the strategy
+        # checkpoints the blocks itself (inside each FSDP unit; see training/scale.py).
+        if self._sped_up:
+            return
+        under_fsdp = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
+        speed_up_model(
+            self.model,
+            compile=self.hparams.compile,
+            activation_checkpointing=self.hparams.activation_checkpointing and not under_fsdp,
+        )
+        self._sped_up = True
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -59,7 +84,10 @@ class LitGPT(L.LightningModule):
     ) -> torch.Tensor:
         x, y = batch
         loss = next_token_loss(self.model(x), y)
-        self.log("train/loss", loss, prog_bar=True)
+        # A progress bar shows the loss every step; without one, log only what gets written.
+        trainer = self.trainer
+        if trainer.progress_bar_callback or is_logging_step(trainer, self.global_step + 1):
+            self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -74,6 +102,7 @@ class LitGPT(L.LightningModule):
         self.log("val/ppl", torch.exp(loss), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
+        check_optimizer_strategy(self.optimizer_config.name, self.trainer.strategy)
         optimizer = build_optimizer(self.model, self.optimizer_config)
         scheduler = build_scheduler(optimizer, self.scheduler_config)
         return {

@@ -7,13 +7,17 @@ into validated dataclasses here, so a bad value fails before the first training 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw",)
+from gptlab.training.muon import MuonWithAdamW, hidden_matrices
+
+OPTIMIZERS = ("adamw", "muon")
+MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -36,6 +40,12 @@ class OptimizerConfig:
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
+    # name=muon: Muon on the hidden matrices (see training/muon.py), AdamW (above) on the rest.
+    # match_rms_adamw scales Muon's update to AdamW's RMS, so muon_lr=null (= lr) works;
+    # "original" is Keller Jordan's scaling, which wants a larger muon_lr (~0.02).
+    muon_lr: float | None = None
+    muon_momentum: float = 0.95
+    muon_lr_adjust: str = "match_rms_adamw"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)
@@ -51,6 +61,15 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.betas={list(self.betas)} must be two values in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"optimizer.eps={self.eps} must be > 0")
+        if self.muon_lr is not None and not self.muon_lr > 0:
+            raise ValueError(f"optimizer.muon_lr={self.muon_lr} must be > 0 (or null: = lr)")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"optimizer.muon_momentum={self.muon_momentum} must be in [0, 1)")
+        if self.muon_lr_adjust not in MUON_LR_ADJUSTMENTS:
+            raise ValueError(
+                f"optimizer.muon_lr_adjust={self.muon_lr_adjust!r} is not known; "
+                f"choose one of: {', '.join(MUON_LR_ADJUSTMENTS)}"
+            )
 
 
 @dataclass
@@ -81,9 +100,13 @@ class SchedulerConfig:
             raise ValueError(f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay only matrices (linear and embedding weights); biases and norm gains are not decayed."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def param_groups(
+    model: nn.Module, weight_decay: float, exclude: Sequence[nn.Parameter] = ()
+) -> list[dict[str, Any]]:
+    """Decay only matrices (linear and embedding weights); biases and norm gains are not decayed.
+    Parameters in `exclude` (another optimizer's) are left out."""
+    excluded = {id(p) for p in exclude}
+    params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return [
@@ -93,16 +116,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+    if cfg.name == "muon":
+        return build_muon_adamw(model, cfg)
+    return build_adamw(model, cfg)
+
+
+def build_adamw(
+    model: nn.Module, cfg: OptimizerConfig, exclude: Sequence[nn.Parameter] = ()
+) -> torch.optim.AdamW:
     # The fused kernel needs every parameter on an accelerator; elsewhere foreach is fastest.
     on_accelerator = all(p.device.type in ("cuda", "xpu") for p in model.parameters())
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
+        param_groups(model, cfg.weight_decay, exclude),
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
         fused=on_accelerator or None,
         foreach=None if on_accelerator else True,
     )
+
+
+def build_muon_adamw(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
+    """Muon on the hidden matrices (with weight decay), AdamW on the rest."""
+    matrices = hidden_matrices(model)
+    muon = torch.optim.Muon(
+        matrices,
+        lr=cfg.muon_lr or cfg.lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.muon_momentum,
+        adjust_lr_fn=cfg.muon_lr_adjust,
+    )
+    return MuonWithAdamW(muon, build_adamw(model, cfg, exclude=matrices))
 
 
 def lr_factor(step: int, cfg: SchedulerConfig) -> float:

@@ -1,0 +1,128 @@
+"""Multi-process training on CPU (gloo), run through the CLI as a user would.
+
+FSDP is not tested here: torch's FullyShardedDataParallel refuses CPU-only machines ("FSDP
+needs a non-CPU accelerator device"), and Lightning's FSDPStrategy requires CUDA. The FSDP
+preset's configuration is checked in test_scale.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptlab.training.checkpoint import load_model
+from tests.conftest import TINY_MODEL
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+class BatchRecorder(L.Callback):
+    """Saves each rank's training inputs and losses, to compare runs sample for sample."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = Path(out_dir)
+        self.inputs: list[torch.Tensor] = []
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.inputs.append(batch[0].clone())
+        self.losses.append(float(outputs["loss"]))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        record = {"inputs": torch.stack(self.inputs), "losses": torch.tensor(self.losses)}
+        torch.save(record, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def run_train(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, str]:
+    """Run gptlab-train in its own directory; returns that directory and the output."""
+    cwd = tmp_path / name
+    cwd.mkdir()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    args = [
+        *TINY_MODEL,
+        f"data.dir={tmp_path / 'data'}",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.val_check_interval={STEPS}",
+        "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false",
+        "scheduler.warmup_steps=2",
+        "data.loader.val_windows=64",
+        "callbacks.samples.max_new_tokens=4",
+        "+callbacks.recorder._target_=tests.test_distributed.BatchRecorder",
+        f"+callbacks.recorder.out_dir={cwd}",
+        *overrides,
+    ]
+    script = Path(sys.executable).with_name("gptlab-train")
+    proc = subprocess.run(
+        [str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    return cwd, output
+
+
+@pytest.fixture
+def prepared(tiny_data_dir: Path, tmp_path: Path) -> Path:
+    (tmp_path / "data").symlink_to(tiny_data_dir)
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_two_rank_ddp_matches_one_rank_with_the_same_global_batch(prepared):
+    ddp_dir, ddp_out = run_train(prepared, "ddp", "trainer=ddp_cpu", "data.loader.batch_size=4")
+    one_dir, _ = run_train(prepared, "single", "trainer=cpu", "data.loader.batch_size=8")
+
+    # Sample for sample: rank 0 gets the first half of each global batch, rank 1 the second.
+    rank0, rank1 = (torch.load(ddp_dir / f"rank{r}.pt") for r in (0, 1))
+    single = torch.load(one_dir / "rank0.pt")
+    assert rank0["inputs"].shape == (STEPS, 4, 32)
+    assert not torch.equal(rank0["inputs"], rank1["inputs"])
+    torch.testing.assert_close(torch.cat([rank0["inputs"], rank1["inputs"]], 1), single["inputs"])
+    # The global loss (mean over the two halves) and the resulting weights agree in fp32.
+    ddp_loss = (rank0["losses"] + rank1["losses"]) / 2
+    torch.testing.assert_close(ddp_loss, single["losses"], rtol=1e-5, atol=1e-5)
+    ddp_model, _ = load_model(next(ddp_dir.glob("logs/train/runs/*/checkpoints/last.ckpt")))
+    one_model, _ = load_model(next(one_dir.glob("logs/train/runs/*/checkpoints/last.ckpt")))
+    for p, q in zip(ddp_model.parameters(), one_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    ddp_val = scalars(ddp_dir, "val/loss")
+    torch.testing.assert_close(ddp_val, scalars(one_dir, "val/loss"), rtol=1e-5, atol=1e-5)
+
+    # One run directory, one log file, one TensorBoard event file, one report.
+    (run,) = (ddp_dir / "logs" / "train" / "runs").iterdir()
+    assert sorted(p.name for p in run.glob("*.log")) == ["train.log"]
+    assert len(list(run.glob("tensorboard/events.out.tfevents.*"))) == 1
+    assert ddp_out.count("val loss") == 1 and ddp_out.count("--- sample ---") == 3
+
+
+def scalars(run_root: Path, tag: str) -> torch.Tensor:
+    (events_dir,) = run_root.glob("logs/train/runs/*/tensorboard")
+    events = EventAccumulator(str(events_dir)).Reload()
+    return torch.tensor([event.value for event in events.Scalars(tag)])
+
+
+@pytest.mark.slow
+def test_multirun_with_lightning_launched_ddp_is_refused(prepared):
+    cwd = prepared / "multirun"
+    cwd.mkdir()
+    script = Path(sys.executable).with_name("gptlab-train")
+    proc = subprocess.run(
+        [str(script), "-m", "trainer=ddp_cpu", *TINY_MODEL, f"data.dir={prepared / 'data'}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "multirun (-m) cannot start 2 DDP processes" in proc.stdout + proc.stderr
