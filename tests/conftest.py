@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ from omegaconf import DictConfig, open_dict
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.data.prepare import prepare_dataset
+
+# Tests never download: Hugging Face libraries fail fast instead of reaching for the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # A model small enough that a training step takes milliseconds on 2 cores.
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32"]

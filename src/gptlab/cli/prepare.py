@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.data.prepare import load_manifest, prepare_dataset
@@ -15,8 +15,20 @@ from gptlab.data.sources import load_documents
 
 def describe_source(data: DictConfig) -> str:
     if data.source == "builtin":
-        return f"builtin(include_site_packages={data.include_site_packages})"
-    return f"{data.source}({', '.join(data.paths)})"
+        description = f"builtin(include_site_packages={data.include_site_packages})"
+    elif data.source == "hf":
+        hf = {k: v for k, v in hf_arguments(data).items() if v is not None}
+        description = f"hf({', '.join(f'{k}={v}' for k, v in hf.items())})"
+    else:
+        description = f"{data.source}({', '.join(data.paths)})"
+    if data.get("max_documents") is not None:
+        description += f", first {data.max_documents} documents"
+    return description
+
+
+def hf_arguments(data: DictConfig) -> dict[str, Any] | None:
+    """`data.hf` as plain keyword arguments for `iter_hf_dataset`, or None."""
+    return OmegaConf.to_container(data.hf, resolve=True) if data.get("hf") else None
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
@@ -34,6 +46,8 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         strip_html=cfg.data.strip_html,
         drop_empty=cfg.data.drop_empty,
         errors=cfg.data.errors,
+        hf=hf_arguments(cfg.data),
+        max_documents=cfg.data.get("max_documents"),
     )
     manifest = prepare_dataset(
         documents,
