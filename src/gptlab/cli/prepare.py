@@ -59,22 +59,30 @@ def prepare(cfg: DictConfig) -> dict[str, Any]:
         source_description=describe_source(cfg.data),
         tokenizer_kind=cfg.tokenizer.kind,
         min_frequency=cfg.tokenizer.min_frequency,
+        resume=not cfg.force,
     )
     print_summary(out_dir, manifest)
     return manifest
 
 
 def print_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
-    print(f"\nPrepared {out_dir}  (vocab {manifest['vocab_size']})")
+    stats = manifest["tokenizer_stats"]
+    kind = manifest["tokenizer"].get("kind") or "given"
+    print(f"\nPrepared {out_dir}  (tokenizer {kind}, vocab {manifest['vocab_size']:,})")
     print(
-        f"{'split':<6} {'documents':>10} {'MB':>8} {'tokens':>12} {'shards':>7} {'bytes/token':>12}"
+        f"{'split':<6} {'documents':>10} {'MB':>8} {'tokens':>12} {'shards':>7} "
+        f"{'bytes/token':>12} {'coverage':>9}"
     )
     for name, split in manifest["splits"].items():
         print(
             f"{name:<6} {split['documents']:>10,} {split['bytes'] / 1e6:>8.2f} "
             f"{split['tokens']:>12,} {len(split['shards']):>7} "
-            f"{split['bytes'] / split['tokens']:>12.2f}"
+            f"{stats['bytes_per_token'][name]:>12.2f} {stats['coverage'][name]:>9.2%}"
         )
+    print(
+        f"coverage = tokens that are not [UNK]; {stats['vocab_used']:.1%} of the vocabulary "
+        "occurs in the train split"
+    )
     print(f"unigram entropy of train tokens: {manifest['unigram_entropy']:.3f} nats/token")
 
 
