@@ -42,3 +42,20 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir / "logs")
     return cfg
+
+
+def write_checkpoint(path: Path, model, tokenizer_json: str | None, data_dir: Path | None = None):
+    """A checkpoint as gptlab-train writes it (the keys `load_model` reads), without training."""
+    import torch
+
+    from gptlab.training.lit_gpt import TOKENIZER_KEY
+
+    checkpoint = {
+        "hyper_parameters": {"model": model.config.to_dict()},
+        "state_dict": {f"model.{name}": value for name, value in model.state_dict().items()},
+        TOKENIZER_KEY: tokenizer_json,
+    }
+    if data_dir is not None:
+        checkpoint["datamodule_hyper_parameters"] = {"data_dir": str(data_dir)}
+    torch.save(checkpoint, path)
+    return path
