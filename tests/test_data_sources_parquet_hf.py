@@ -98,6 +98,12 @@ def test_max_documents_stops_reading(tmp_path):
         load_documents("jsonl", [str(path)], max_documents=0)
 
 
+def test_hf_config_without_path_says_what_to_set(tmp_path):
+    cfg = compose_config("prepare", ["data=hf"], tmp_path)
+    with pytest.raises(ValueError, match="data.hf.path is not set"):
+        prepare(cfg)
+
+
 def test_hf_source_argument_errors():
     with pytest.raises(ValueError, match="source 'hf' needs hf.path"):
         load_documents("hf", hf={"split": "train"})

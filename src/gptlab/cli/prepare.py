@@ -28,7 +28,15 @@ def describe_source(data: DictConfig) -> str:
 
 def hf_arguments(data: DictConfig) -> dict[str, Any] | None:
     """`data.hf` as plain keyword arguments for `iter_hf_dataset`, or None."""
-    return OmegaConf.to_container(data.hf, resolve=True) if data.get("hf") else None
+    if not data.get("hf"):
+        return None
+    if OmegaConf.is_missing(data.hf, "path"):
+        raise ValueError(
+            "data.hf.path is not set: name a Hugging Face Hub dataset "
+            "(data.hf.path=roneneldan/TinyStories) or a builder with local files "
+            "(data.hf.path=json 'data.hf.data_files=[my/*.jsonl]')"
+        )
+    return OmegaConf.to_container(data.hf, resolve=True)
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
