@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gptlab.cli.export import export
-from gptlab.data.tokenizer import EOT_TOKEN, train_tokenizer
+from gptlab.data.tokenizer import EOT_TOKEN, TOKENIZER_KINDS, train_tokenizer, unk_id
 from gptlab.hf_export import export_to_hf, hf_architecture
 from gptlab.model import GPT, GPTConfig
 from tests.conftest import compose_config, small_english_documents, write_checkpoint
@@ -82,17 +82,22 @@ def test_transformers_computes_the_same_logits(tmp_path, tokenizer, variant, arc
 
 
 @needs_transformers
-def test_tokenizer_loads_as_a_fast_tokenizer(tmp_path, tokenizer):
+@pytest.mark.parametrize("kind", sorted(TOKENIZER_KINDS))
+def test_every_tokenizer_kind_loads_as_a_fast_tokenizer(tmp_path, kind):
     from transformers import AutoTokenizer
 
+    tokenizer = train_tokenizer(small_english_documents(10), vocab_size=300, kind=kind)
     out = export_to_hf(tiny_gpt(), tokenizer, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == FILES
     hf_tokenizer = AutoTokenizer.from_pretrained(out)
     text = "Return the square root of x.\n\tünïcode 🙂"
-    assert hf_tokenizer.encode(text) == tokenizer.encode(text).ids
-    assert hf_tokenizer.decode(hf_tokenizer.encode(text)) == text
+    ids = tokenizer.encode(text).ids
+    assert hf_tokenizer.encode(text) == ids
+    # Lossy kinds lose the same; `tokenizers` drops special tokens by default, transformers not.
+    assert hf_tokenizer.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids)
     assert hf_tokenizer.eos_token == EOT_TOKEN
     assert hf_tokenizer.eos_token_id == tokenizer.token_to_id(EOT_TOKEN)
+    assert hf_tokenizer.unk_token_id == unk_id(tokenizer)  # None for byte-level BPE
     assert hf_tokenizer.model_max_length == 16
 
 
