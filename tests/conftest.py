@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ from omegaconf import DictConfig, open_dict
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.data.prepare import prepare_dataset
+
+# Tests never download: Hugging Face libraries fail fast instead of reaching for the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 # A model small enough that a training step takes milliseconds on 2 cores.
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32"]
@@ -37,3 +42,20 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
         cfg.paths.output_dir = str(output_dir)
         cfg.paths.log_dir = str(output_dir / "logs")
     return cfg
+
+
+def write_checkpoint(path: Path, model, tokenizer_json: str | None, data_dir: Path | None = None):
+    """A checkpoint as gptlab-train writes it (the keys `load_model` reads), without training."""
+    import torch
+
+    from gptlab.training.lit_gpt import TOKENIZER_KEY
+
+    checkpoint = {
+        "hyper_parameters": {"model": model.config.to_dict()},
+        "state_dict": {f"model.{name}": value for name, value in model.state_dict().items()},
+        TOKENIZER_KEY: tokenizer_json,
+    }
+    if data_dir is not None:
+        checkpoint["datamodule_hyper_parameters"] = {"data_dir": str(data_dir)}
+    torch.save(checkpoint, path)
+    return path

@@ -47,6 +47,7 @@ def test_manifest_fields(prepared):
     assert manifest["tokenizer"] == {
         "file": "tokenizer.json",
         "sha256": file_sha256(out_dir / "tokenizer.json"),
+        "kind": "bpe",
     }
     assert manifest["vocab_size"] == tokenizer.get_vocab_size() <= 300
     assert manifest["eot_id"] == tokenizer.token_to_id(EOT_TOKEN)

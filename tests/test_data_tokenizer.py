@@ -67,13 +67,15 @@ def test_training_is_deterministic(tokenizer):
 
 
 def test_unknown_kind_lists_choices():
-    with pytest.raises(ValueError, match=r"unknown tokenizer kind 'wordpiece'.*\['bpe'\]"):
-        train_tokenizer(TEXTS, vocab_size=320, kind="wordpiece")
+    with pytest.raises(ValueError, match=r"unknown tokenizer kind 'bert'.*'bpe', 'char'"):
+        train_tokenizer(TEXTS, vocab_size=320, kind="bert")
 
 
 def test_vocab_size_must_exceed_bytes_plus_eot():
-    with pytest.raises(ValueError, match="vocab_size must be > 257"):
+    with pytest.raises(ValueError, match=r"'bpe' must be >= 258 \(256 byte symbols"):
         train_tokenizer(TEXTS, vocab_size=257)
+    with pytest.raises(ValueError, match=r"'char' must be >= 3"):
+        train_tokenizer(TEXTS, vocab_size=2, kind="char")
 
 
 def test_missing_file_says_how_to_fix(tmp_path):

@@ -1,13 +1,18 @@
-"""Where training text comes from: the built-in corpus, plain text files or JSON Lines.
+"""Where training text comes from: the built-in corpus, plain text files, JSON Lines, Parquet
+files, or a Hugging Face `datasets` dataset (streamed, so a large one needs no full download).
 
 Every source yields whole documents; `load_documents` cleans them into the list that
-`gptlab.data.prepare.prepare_dataset` tokenizes.
+`gptlab.data.prepare.prepare_dataset` tokenizes. Parquet needs `pyarrow` and Hugging Face
+datasets need `datasets` (the optional extras ``gptlab[parquet]`` and ``gptlab[hf]``); both are
+imported only when such a source is read.
 """
 
 from __future__ import annotations
 
 import codecs
 import glob
+import importlib
+import itertools
 import json
 import logging
 import os
@@ -16,15 +21,17 @@ import subprocess
 import sys
 import tempfile
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from html.parser import HTMLParser
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from gptlab.data.errors import DataError
 
 log = logging.getLogger(__name__)
 
-SOURCES = ("builtin", "files", "jsonl")
+SOURCES = ("builtin", "files", "jsonl", "parquet", "hf")
 NORMALIZATIONS = ("NFC", "NFKC", None)
 DECODE_ERRORS = ("replace", "strict")
 
@@ -105,12 +112,86 @@ def _text_field(line: str, path: Path, line_number: int, text_field: str) -> str
         ) from None
     if not isinstance(record, dict) or text_field not in record:
         raise DataError(f"{where}: expected a JSON object with key {text_field!r}")
+    return _record_text(record, text_field, where)
+
+
+def _record_text(record: Mapping[str, Any], text_field: str, where: str) -> str:
+    """`record[text_field]`, which must be a string; a DataError naming `where` otherwise."""
+    if text_field not in record:
+        raise DataError(
+            f"{where}: no key {text_field!r}; the record has {sorted(record)} (set data.text_field)"
+        )
     text = record[text_field]
     if not isinstance(text, str):
         raise DataError(
             f"{where}: key {text_field!r} holds {type(text).__name__}, expected a string"
         )
     return text
+
+
+def iter_parquet(patterns: list[str] | str, text_field: str = "text") -> Iterator[tuple[str, str]]:
+    """Yield ("path:row", text) for each row of the Parquet files in `patterns` (globs as in
+    `iter_text_files`). Only the `text_field` column is read, a record batch at a time, so
+    files larger than memory stream. Needs `pyarrow` (``pip install 'gptlab[parquet]'``)."""
+    pa = _import_optional("pyarrow", "parquet")
+    parquet = _import_optional("pyarrow.parquet", "parquet")
+    for path in _expand(patterns):
+        try:
+            file = parquet.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        schema = file.schema_arrow
+        if text_field not in schema.names:
+            raise DataError(
+                f"{path}: no column {text_field!r}; the columns are {schema.names} "
+                "(set data.text_field)"
+            )
+        column_type = schema.field(text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise DataError(f"{path}: column {text_field!r} holds {column_type}, expected strings")
+        row = 0
+        for batch in file.iter_batches(columns=[text_field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if text is None:
+                    raise DataError(f"{path}, row {row}: column {text_field!r} is null")
+                yield f"{path}:{row}", text
+                row += 1
+
+
+def iter_hf_dataset(
+    path: str,
+    name: str | None = None,
+    split: str = "train",
+    text_field: str = "text",
+    streaming: bool = True,
+    data_files: str | list[str] | None = None,
+    revision: str | None = None,
+) -> Iterator[tuple[str, str]]:
+    """Yield ("path[split]:index", text) for each record of a Hugging Face dataset.
+
+    `path`, `name`, `split`, `data_files` and `revision` are those of `datasets.load_dataset`:
+    a Hub dataset ("roneneldan/TinyStories"), or a builder such as "json" or "parquet" with
+    local `data_files`. With `streaming` (the default), records arrive as they are downloaded,
+    so stopping early (`max_documents`) downloads only what was used. Needs `datasets`
+    (``pip install 'gptlab[hf]'``).
+    """
+    datasets = _import_optional("datasets", "hf")
+    dataset = datasets.load_dataset(
+        path, name, split=split, streaming=streaming, data_files=data_files, revision=revision
+    )
+    for index, record in enumerate(dataset):
+        where = f"{path}[{split}]:{index}"
+        yield where, _record_text(record, text_field, where)
+
+
+def _import_optional(module: str, extra: str) -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(
+            f"this data source needs the {module.split('.')[0]!r} package: "
+            f"pip install 'gptlab[{extra}]' ({e})"
+        ) from e
 
 
 def _expand(patterns: list[str] | str) -> list[Path]:
@@ -204,37 +285,63 @@ def load_documents(
     strip_html: bool = False,
     drop_empty: bool = True,
     errors: str = "replace",
+    hf: Mapping[str, Any] | None = None,
+    max_documents: int | None = None,
 ) -> list[str]:
-    """Read and clean the documents of `source` ("builtin", "files" or "jsonl").
+    """Read and clean the documents of `source` (one of `SOURCES`).
 
-    "builtin" takes no `paths`; "files" and "jsonl" need at least one path or glob.
-    A DataError says "corpus is empty" when no non-empty document is left.
+    "builtin" and "hf" take no `paths`; "files", "jsonl" and "parquet" need at least one path
+    or glob. "hf" takes the keyword arguments of `iter_hf_dataset` (at least "path") as `hf`.
+    `max_documents` keeps only the first that many documents left after cleaning (None: all);
+    a streamed source is read no further. A DataError says "corpus is empty" when no
+    non-empty document is left.
     """
     _check_choice("source", source, SOURCES)
     _check_choice("normalize", normalize, NORMALIZATIONS)
-    if source == "builtin":
-        if paths:
-            raise ValueError(
-                f"source 'builtin' takes no paths, got {list(paths)}; "
-                "use source 'files' or 'jsonl' to read them"
-            )
-        raw: Iterable[str] = builtin_corpus(include_site_packages)
-    else:
-        if not paths:
-            raise ValueError(f"source {source!r} needs paths: a list of files or glob patterns")
-        items = (
-            iter_text_files(paths, errors)
-            if source == "files"
-            else iter_jsonl(paths, text_field, errors)
-        )
-        raw = (text for _, text in items)
-    docs = [clean_document(text, normalize, strip_html) for text in raw]
+    if max_documents is not None and max_documents < 1:
+        raise ValueError(f"max_documents must be None or >= 1, got {max_documents}")
+    raw = _raw_texts(source, paths, text_field, include_site_packages, errors, hf)
+    docs = (clean_document(text, normalize, strip_html) for text in raw)
     if drop_empty:
-        docs = [doc for doc in docs if doc.strip()]
-    if not any(docs):
+        docs = (doc for doc in docs if doc.strip())
+    kept = list(itertools.islice(docs, max_documents))
+    if not any(kept):
         where = f" with paths {list(paths)}" if paths else ""
         raise DataError(f"corpus is empty: source {source!r}{where} gave no non-empty documents")
-    return docs
+    return kept
+
+
+def _raw_texts(
+    source: str,
+    paths: list[str] | None,
+    text_field: str,
+    include_site_packages: bool,
+    errors: str,
+    hf: Mapping[str, Any] | None,
+) -> Iterable[str]:
+    if source in ("builtin", "hf"):
+        if paths:
+            raise ValueError(
+                f"source {source!r} takes no paths, got {list(paths)}; "
+                "use source 'files', 'jsonl' or 'parquet' to read them"
+            )
+        if source == "builtin":
+            return builtin_corpus(include_site_packages)
+        if not hf or not hf.get("path"):
+            raise ValueError(
+                "source 'hf' needs hf.path: a Hugging Face Hub dataset such as "
+                "'roneneldan/TinyStories', or a builder such as 'json' with hf.data_files"
+            )
+        return (text for _, text in iter_hf_dataset(**hf, text_field=text_field))
+    if not paths:
+        raise ValueError(f"source {source!r} needs paths: a list of files or glob patterns")
+    if source == "files":
+        items = iter_text_files(paths, errors)
+    elif source == "jsonl":
+        items = iter_jsonl(paths, text_field, errors)
+    else:
+        items = iter_parquet(paths, text_field)
+    return (text for _, text in items)
 
 
 def _check_choice(name: str, value: object, choices: tuple) -> None:

@@ -1,8 +1,24 @@
 """Training, saving and loading tokenizers (Hugging Face `tokenizers`).
 
-The default is GPT-2 style byte-level BPE: text is mapped to bytes before merging, so every
-string round-trips exactly (``decode(encode(s)) == s``) and there is no unknown token.
-Documents are separated by the single special token ``EOT_TOKEN``.
+Four kinds, chosen by name (`TOKENIZER_KINDS`, config group `tokenizer=`):
+
+=========  ==========================================  ======================================
+kind       what it is                                  what ``decode(encode(s))`` gives back
+=========  ==========================================  ======================================
+bpe        GPT-2 byte-level BPE (the default)          exactly ``s``, for any text
+unigram    SentencePiece-style Unigram LM: spaces      ``s`` with every character unseen in
+           become "▁" and belong to the next piece     training dropped (it encodes as [UNK])
+                                                       and a literal "▁" turned into a space
+char       one token per Unicode character             the same as unigram
+wordpiece  BERT-style WordPiece: words split at        the words (split at whitespace and
+           whitespace and punctuation, "##" marks a    punctuation) joined by single spaces;
+           piece that continues a word                 a word with an unseen character is
+                                                       dropped (it encodes as one [UNK])
+=========  ==========================================  ======================================
+
+Only byte-level BPE is lossless; for the others `gptlab-prepare` reports the share of
+validation tokens that are [UNK] (coverage). Documents are separated by the single special
+token ``EOT_TOKEN``; decoding drops special tokens.
 """
 
 from __future__ import annotations
@@ -12,18 +28,20 @@ import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptlab.data.errors import DataError
 from gptlab.data.fileio import atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
+UNK_TOKEN = "[UNK]"
 
 # A builder returns an untrained tokenizer and the trainer that fits it.
 _Builder = Callable[[int, int], tuple[Tokenizer, trainers.Trainer]]
 
 
 def _byte_level_bpe(vocab_size: int, min_frequency: int) -> tuple[Tokenizer, trainers.Trainer]:
+    _require_vocab("bpe", vocab_size, 256 + 2, f"256 byte symbols + {EOT_TOKEN} + 1 merge")
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -38,24 +56,82 @@ def _byte_level_bpe(vocab_size: int, min_frequency: int) -> tuple[Tokenizer, tra
     return tokenizer, trainer
 
 
-TOKENIZER_KINDS: dict[str, _Builder] = {"bpe": _byte_level_bpe}
+def _wordpiece(vocab_size: int, min_frequency: int) -> tuple[Tokenizer, trainers.Trainer]:
+    _require_vocab("wordpiece", vocab_size, 3, f"{EOT_TOKEN}, {UNK_TOKEN} + 1 piece")
+    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK_TOKEN))
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # No "cleanup" heuristics (" ," -> ","): the decoded form is then simply the words joined
+    # by spaces, which is easy to state and to test.
+    tokenizer.decoder = decoders.WordPiece(cleanup=False)
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT_TOKEN, UNK_TOKEN],
+        show_progress=False,
+    )
+    return tokenizer, trainer
+
+
+def _unigram(vocab_size: int, min_frequency: int) -> tuple[Tokenizer, trainers.Trainer]:
+    """`min_frequency` does not apply: Unigram prunes by likelihood, not by count."""
+    _require_vocab("unigram", vocab_size, 3, f"{EOT_TOKEN}, {UNK_TOKEN} + 1 piece")
+    tokenizer = Tokenizer(models.Unigram())
+    # prepend_scheme="never": no "▁" is invented before the first word, so decoding has none
+    # to strip, and leading spaces survive the round trip.
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    tokenizer.decoder = decoders.Metaspace(prepend_scheme="never")
+    trainer = trainers.UnigramTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOT_TOKEN, UNK_TOKEN],
+        unk_token=UNK_TOKEN,
+        show_progress=False,
+    )
+    return tokenizer, trainer
+
+
+def _char(vocab_size: int, min_frequency: int) -> tuple[Tokenizer, trainers.Trainer]:
+    """The `vocab_size` - 2 most frequent characters (seen at least `min_frequency` times)."""
+    _require_vocab("char", vocab_size, 3, f"{EOT_TOKEN}, {UNK_TOKEN} + 1 character")
+    tokenizer = Tokenizer(models.WordLevel(unk_token=UNK_TOKEN))
+    # Every code point is its own "word"; [\s\S] (unlike ".") matches newlines too.
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()  # concatenate, no spaces in between
+    trainer = trainers.WordLevelTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[EOT_TOKEN, UNK_TOKEN],
+        show_progress=False,
+    )
+    return tokenizer, trainer
+
+
+def _require_vocab(kind: str, vocab_size: int, minimum: int, what: str) -> None:
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size for tokenizer kind {kind!r} must be >= {minimum} ({what}), "
+            f"got {vocab_size}"
+        )
+
+
+TOKENIZER_KINDS: dict[str, _Builder] = {
+    "bpe": _byte_level_bpe,
+    "wordpiece": _wordpiece,
+    "unigram": _unigram,
+    "char": _char,
+}
 
 
 def train_tokenizer(
     texts: Iterable[str], vocab_size: int, kind: str = "bpe", min_frequency: int = 2
 ) -> Tokenizer:
-    """Train a `kind` tokenizer with at most `vocab_size` entries (EOT included) on `texts`.
+    """Train a `kind` tokenizer with at most `vocab_size` entries (special tokens included).
 
-    The result can be smaller than `vocab_size` when the corpus offers too few merges that
-    occur at least `min_frequency` times.
+    The result can be smaller than `vocab_size` when the corpus offers too few merges (or
+    characters) that occur at least `min_frequency` times.
     """
     if kind not in TOKENIZER_KINDS:
         raise ValueError(
             f"unknown tokenizer kind {kind!r}; choose one of {sorted(TOKENIZER_KINDS)}"
-        )
-    if vocab_size <= 256 + 1:
-        raise ValueError(
-            f"vocab_size must be > 257 (256 byte symbols + {EOT_TOKEN}), got {vocab_size}"
         )
     tokenizer, trainer = TOKENIZER_KINDS[kind](vocab_size, min_frequency)
     tokenizer.train_from_iterator(texts, trainer=trainer)
@@ -101,3 +177,12 @@ def eot_id(tokenizer: Tokenizer) -> int:
             f"tokenizer has no {EOT_TOKEN!r} token; gptlab needs it to separate documents"
         )
     return token_id
+
+
+def unk_id(tokenizer: Tokenizer) -> int | None:
+    """The id of the tokenizer's unknown token, or None when it has none (byte-level BPE)."""
+    model = json.loads(tokenizer.to_str())["model"]
+    if model.get("unk_id") is not None:  # Unigram stores the id
+        return int(model["unk_id"])
+    token = model.get("unk_token")  # BPE, WordPiece and WordLevel store the string
+    return tokenizer.token_to_id(token) if token is not None else None

@@ -1,0 +1,150 @@
+"""An interrupted prepare continues where it stopped; the tokenizer statistics in the manifest."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gptlab.data import prepare as prepare_module
+from gptlab.data.prepare import JOURNAL_NAME, MANIFEST_NAME
+from gptlab.data.shards import read_shard, write_shard
+from gptlab.data.tokenizer import load_tokenizer, unk_id
+from tests.test_data_prepare import prepare, synthetic_documents
+
+DOCS = synthetic_documents(300)
+
+
+def run(docs, out_dir, **options):
+    """prepare with shards small enough that the val split has several."""
+    return prepare(docs, out_dir, **({"shard_tokens": 300} | options))
+
+
+class Interrupted(Exception):
+    """Stands in for Ctrl-C or a killed process."""
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run: what every resumed run must reproduce byte for byte."""
+    out = tmp_path_factory.mktemp("reference")
+    return out, run(DOCS, out)
+
+
+def files_of(directory):
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def interrupt_after(monkeypatch, shards):
+    """Make prepare stop after writing `shards` shards; return the paths it wrote."""
+    written = []
+
+    def write_then_stop(path, tokens, vocab_size):
+        if len(written) == shards:
+            raise Interrupted
+        write_shard(path, tokens, vocab_size)
+        written.append(Path(path))
+
+    monkeypatch.setattr(prepare_module, "write_shard", write_then_stop)
+    return written
+
+
+def record_writes(monkeypatch):
+    written = []
+
+    def write(path, tokens, vocab_size):
+        write_shard(path, tokens, vocab_size)
+        written.append(Path(path))
+
+    monkeypatch.setattr(prepare_module, "write_shard", write)
+    return written
+
+
+def forbid_training(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(prepare_module, "train_tokenizer", fail)
+
+
+@pytest.mark.parametrize("stop_after", ["nothing", "3 train shards", "all train + 1 val shard"])
+def test_interrupted_prepare_continues_where_it_stopped(
+    tmp_path, monkeypatch, reference, stop_after
+):
+    ref_dir, ref_manifest = reference
+    n_train = len(ref_manifest["splits"]["train"]["shards"])
+    total = n_train + len(ref_manifest["splits"]["val"]["shards"])
+    stop = {"nothing": 0, "3 train shards": 3, "all train + 1 val shard": n_train + 1}[stop_after]
+    assert 3 < n_train < total - 1  # the stops land where their names say
+
+    first_run = interrupt_after(monkeypatch, stop)
+    with pytest.raises(Interrupted):
+        run(DOCS, tmp_path)
+    assert not (tmp_path / MANIFEST_NAME).exists()  # incomplete, and it says so
+    kept = {path: path.stat().st_mtime_ns for path in first_run}
+
+    forbid_training(monkeypatch)
+    second_run = record_writes(monkeypatch)
+    manifest = run(DOCS, tmp_path)
+    assert len(second_run) == total - stop  # only the missing shards were written
+    assert {path: path.stat().st_mtime_ns for path in first_run} == kept
+    assert manifest == ref_manifest
+    assert files_of(tmp_path) == files_of(ref_dir)  # no journal or temp file left either
+
+
+def test_a_damaged_shard_is_rewritten_from_there_on(tmp_path, monkeypatch, reference):
+    ref_dir, _ = reference
+    interrupt_after(monkeypatch, 4)
+    with pytest.raises(Interrupted):
+        run(DOCS, tmp_path)
+    damaged = tmp_path / "train" / "shard_00002.bin"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    second_run = record_writes(monkeypatch)
+    run(DOCS, tmp_path)
+    assert second_run[0] == damaged
+    assert files_of(tmp_path) == files_of(ref_dir)
+
+
+@pytest.mark.parametrize(
+    ("docs", "options"),
+    [(DOCS[:-1], {}), (DOCS, {"vocab_size": 290}), (DOCS, {"resume": False})],
+    ids=["other documents", "other settings", "resume=False"],
+)
+def test_a_different_job_starts_over(tmp_path, monkeypatch, docs, options):
+    interrupt_after(monkeypatch, 3)
+    with pytest.raises(Interrupted):
+        run(DOCS, tmp_path)
+    second_run = record_writes(monkeypatch)
+    manifest = run(docs, tmp_path, **options)
+    assert second_run[0].name == "shard_00000.bin"
+    assert not (tmp_path / JOURNAL_NAME).exists()
+    assert manifest["splits"]["train"]["documents"] == len(split_train(docs))
+
+
+def split_train(docs):
+    return prepare_module.split_documents(docs, 0.1)[0]
+
+
+def test_tokenizer_stats_of_byte_level_bpe(reference):
+    out, manifest = reference
+    stats = manifest["tokenizer_stats"]
+    for name, split in manifest["splits"].items():
+        assert stats["bytes_per_token"][name] == split["bytes"] / split["tokens"]
+        assert stats["coverage"][name] == 1.0  # nothing is unknown to byte-level BPE
+    train = np.concatenate(
+        [read_shard(out / s["file"]) for s in manifest["splits"]["train"]["shards"]]
+    )
+    assert stats["vocab_used"] == len(np.unique(train)) / manifest["vocab_size"]
+
+
+def test_coverage_counts_unknown_tokens(tmp_path):
+    docs = synthetic_documents(40)
+    docs[9] += " ζζζ"  # a val document (every 10th) with characters the train split lacks
+    manifest = prepare(docs, tmp_path, tokenizer_kind="char", vocab_size=100)
+    unknown = unk_id(load_tokenizer(tmp_path / "tokenizer.json"))
+    val = manifest["splits"]["val"]
+    tokens = np.concatenate([read_shard(tmp_path / s["file"]) for s in val["shards"]])
+    assert (tokens == unknown).sum() == 3
+    assert manifest["tokenizer_stats"]["coverage"] == {"train": 1.0, "val": 1 - 3 / val["tokens"]}
+    assert manifest["tokenizer"]["kind"] == "char"
