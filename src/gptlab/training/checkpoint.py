@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 
 from gptlab.data.fileio import atomic_write_text
 from gptlab.model import GPT, GPTConfig
+from gptlab.training.checkpoint_io import CheckpointReadError
 from gptlab.training.lit_gpt import TOKENIZER_KEY
 
 RUN_RECORD = "run.json"
@@ -89,7 +90,7 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dic
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from err
+        raise CheckpointReadError(path, err) from err
 
 
 def load_model(

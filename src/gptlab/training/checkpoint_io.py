@@ -5,12 +5,14 @@ directory into place, which is neither atomic across filesystems nor fsynced. He
 is written to a temporary file next to its target, fsynced, and renamed over it
 (`gptlab.data.fileio.atomic_write`): a process killed during a save leaves the previous
 checkpoint intact, and a failed save (a full disk) removes its temporary file and says why.
+Reading a damaged checkpoint fails with a message naming the file.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,16 @@ log = logging.getLogger(__name__)
 
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written; the previous file under that name is intact."""
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file is truncated, corrupt, or holds more than tensors and plain data."""
+
+    def __init__(self, path: str | Path, err: BaseException) -> None:
+        super().__init__(
+            f"cannot read checkpoint {path}: {err}. It is truncated, corrupt or not a gptlab "
+            "checkpoint; resume from another one (e.g. ckpt_path=last)"
+        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,6 +57,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             if cause is None:
                 raise
             raise CheckpointWriteError(cause.errno, _explain(cause, path)) from err
+
+    def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            raise CheckpointReadError(path, err) from err
 
 
 def remove_stale_temp_files(path: Path) -> None:
