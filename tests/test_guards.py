@@ -84,21 +84,21 @@ def same(a, b):
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-@pytest.mark.parametrize(
-    "poison", [{"loss_factor": {2: math.nan}}, {"grad_value": {2: math.inf}}], ids=["loss", "grad"]
-)
-def test_non_finite_step_is_skipped_and_training_goes_on(tiny_data_dir, caplog, poison):
-    guard = NonFiniteGuard(max_consecutive=2)
+def test_non_finite_steps_are_skipped_and_spikes_reported(tiny_data_dir, caplog):
+    guard = NonFiniteGuard(max_consecutive=2, spike_factor=3.0, spike_window=2)
+    poison = {"loss_factor": {1: math.nan, 5: 10.0}, "grad_value": {3: math.inf}}
     with caplog.at_level(logging.WARNING, logger="gptlab.training.guards"):
-        model = fit(tiny_data_dir, 5, guard, **poison)
+        model = fit(tiny_data_dir, 7, guard, **poison)
     snaps = model.snapshots
-    assert len(snaps) == 5 and guard.skipped == 1 and guard.bad_streak == 0
-    assert same(snaps[2], snaps[1])  # step 2 changed nothing
-    assert not same(snaps[3], snaps[2])  # step 3 trained again
+    assert len(snaps) == 7 and guard.skipped == 2 and guard.bad_streak == 0
+    assert same(snaps[1], snaps[0]) and same(snaps[3], snaps[2])  # a NaN loss, an inf gradient
+    assert not any(same(snaps[i], snaps[i - 1]) for i in (2, 4, 5, 6))  # training went on
     assert all(torch.isfinite(p).all() for p in snaps[-1])
     optimizer_steps = {int(s["step"]) for s in model.optimizers().optimizer.state.values()}
-    assert optimizer_steps == {4}  # five steps, one skipped: AdamW moments untouched by it
-    assert "step 2: non-finite loss or gradient norm" in caplog.text
+    assert optimizer_steps == {5}  # seven steps, two skipped: AdamW moments untouched by them
+    assert "step 1: non-finite loss or gradient norm" in caplog.text
+    assert "step 3: non-finite loss or gradient norm" in caplog.text
+    assert guard.spikes == 1 and "step 5: loss spike" in caplog.text
 
 
 def test_bad_streak_stops_the_run_and_keeps_the_last_good_weights(tiny_data_dir, tmp_path):
@@ -113,14 +113,6 @@ def test_bad_streak_stops_the_run_and_keeps_the_last_good_weights(tiny_data_dir,
     saved = torch.load(last, weights_only=True)["state_dict"]
     assert all(torch.equal(saved[k], after_step_1[k]) for k in saved)
     assert all(torch.isfinite(v).all() for v in saved.values())
-
-
-def test_loss_spike_is_reported(tiny_data_dir, caplog):
-    guard = NonFiniteGuard(spike_factor=3.0, spike_window=3)
-    with caplog.at_level(logging.WARNING, logger="gptlab.training.guards"):
-        fit(tiny_data_dir, 6, guard, loss_factor={4: 10.0})
-    assert guard.spikes == 1 and guard.skipped == 0
-    assert "step 4: loss spike" in caplog.text
 
 
 class _SaveRankResult(L.Callback):
