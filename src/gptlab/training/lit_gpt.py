@@ -97,11 +97,13 @@ class LitGPT(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs before Lightning loads the weights, so a different model fails with a message.
-        source = f"checkpoint {self._trainer.ckpt_path}" if self._trainer else "the checkpoint"
+        resuming = self._trainer is not None  # not LitGPT.load_from_checkpoint
+        source = f"checkpoint {self._trainer.ckpt_path}" if resuming else "the checkpoint"
         saved_model = checkpoint.get("hyper_parameters", {}).get("model")
         check_same_model(saved_model, self.config, source)
         self.tokenizer_json = checkpoint.get(TOKENIZER_KEY)
-        self._rng_to_restore = rng_state_of_rank(checkpoint.get(RNG_KEY), self.global_rank)
+        if resuming:
+            self._rng_to_restore = rng_state_of_rank(checkpoint.get(RNG_KEY), self.global_rank)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The RNGs are restored just before the first step after a resume, not at load time:
