@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.errors import report_user_errors
 from gptlab.model import GPT
 from gptlab.training.checkpoint import load_model, resolve_checkpoint
 
@@ -75,7 +76,8 @@ def generate(cfg: DictConfig) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="generate")
 def main(cfg: DictConfig) -> None:
-    generate(cfg)
+    with report_user_errors("gptlab-generate"):
+        generate(cfg)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.errors import report_user_errors
 from gptlab.data.prepare import load_manifest, prepare_dataset
 from gptlab.data.sources import load_documents
 
@@ -96,7 +97,8 @@ def print_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
-    prepare(cfg)
+    with report_user_errors("gptlab-prepare"):
+        prepare(cfg)
 
 
 if __name__ == "__main__":

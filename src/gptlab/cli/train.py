@@ -8,15 +8,18 @@ from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.errors import report_user_errors
 from gptlab.data.datamodule import GPTDataModule
+from gptlab.data.fileio import ensure_writable_dir
 from gptlab.model import GPTConfig
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
-from gptlab.training.checkpoint import resolve_checkpoint
+from gptlab.training.checkpoint import resolve_checkpoint, write_run_record
 from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
@@ -39,6 +42,12 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
         compile=cfg.compile,
         activation_checkpointing=cfg.activation_checkpointing,
     )
+    limit = lit.model.position.max_len
+    if limit is not None and datamodule.block_size > limit:
+        raise ValueError(
+            f"data.loader.block_size={datamodule.block_size} exceeds model.block_size={limit}, "
+            f"the length of the {lit.config.position!r} position table; make them equal"
+        )
     lit.tokenizer_json = datamodule.tokenizer_path.read_text(encoding="utf-8")
     return lit
 
@@ -50,25 +59,46 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     return [instantiate(entry) for entry in group.values() if entry is not None]
 
 
+def run_name(cfg: DictConfig) -> str:
+    """The experiment a run belongs to: `run_name`, else the chosen `experiment=` config."""
+    if cfg.get("run_name"):
+        return str(cfg.run_name)
+    if HydraConfig.initialized():
+        return HydraConfig.get().runtime.choices.get("experiment") or "default"
+    return "default"
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
     """Train as `cfg` says and return the final metrics. Every config error surfaces before the
     first step: the model, optimizer, schedule, data and Trainer are all built first.
     `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
     L.seed_everything(cfg.seed, workers=True)
-    datamodule: GPTDataModule = instantiate(cfg.data.loader)
+    ensure_writable_dir(cfg.paths.output_dir)
+    datamodule: GPTDataModule = instantiate(
+        cfg.data.loader, allow_data_change=cfg.resume.allow_data_change
+    )
     model = build_model(cfg, datamodule)
     callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
     check_launch(trainer)
+    name = run_name(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
-        ckpt_path = str(resolve_checkpoint(ckpt_path, cfg.paths.log_dir, cfg.task_name))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        ckpt_path = str(resolve_checkpoint(ckpt_path, cfg.paths.log_dir, cfg.task_name, name))
+    record_run(trainer, cfg.paths.output_dir, name, ckpt_path)
+    # weights_only: a checkpoint holds tensors and plain data, never pickled code.
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results = collect_results(trainer, datamodule, callbacks)
     print_results(results)
     return results
+
+
+@rank_zero_only
+def record_run(trainer: L.Trainer, output_dir: str, name: str, ckpt_path: str | None) -> None:
+    checkpoint_dir = getattr(trainer.checkpoint_callback, "dirpath", None)
+    write_run_record(output_dir, name, checkpoint_dir, ckpt_path)
 
 
 def collect_results(
@@ -112,7 +142,8 @@ def print_results(results: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     keep_log_file_on_rank_zero()
-    train(cfg)
+    with report_user_errors("gptlab-train"):
+        train(cfg)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ Counting consumed batches
 A checkpoint saved after batch k therefore records k + 1 and the resumed run starts with
 batch k + 1; a new epoch (with ``limit_train_batches``) also continues where the last one
 stopped. Without a Trainer, call ``advance()`` once per batch used. ``state_dict`` /
-``load_state_dict`` carry the count through Lightning checkpoints.
+``load_state_dict`` carry the count through Lightning checkpoints (Lightning stores it under the
+checkpoint key ``"GPTDataModule"`` and hands it back on ``fit(ckpt_path=...)``).
+
+A resume continues the stream only if it is the same stream: ``load_state_dict`` refuses a
+checkpoint whose seed, world size, per-rank batch size, block size or data manifest differs,
+unless the datamodule was built with ``allow_data_change=True``.
+
+The DataLoaders get their own ``torch.Generator``: creating a loader iterator then never draws
+from the global torch RNG, which belongs to the model (dropout) and is restored on resume.
 
 Validation set
 --------------
@@ -248,6 +256,7 @@ class GPTDataModule(L.LightningDataModule):
         seed: int = 1337,
         val_windows: int = 512,
         pin_memory: bool = False,
+        allow_data_change: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -273,6 +282,7 @@ class GPTDataModule(L.LightningDataModule):
         self.seed = seed
         self.val_windows = val_windows
         self.pin_memory = pin_memory
+        self.allow_data_change = allow_data_change
         self.batches_consumed = 0
         self._train_dataset: TrainBatches | None = None
         self.train_shards: list[ShardSpan] = []
@@ -354,6 +364,7 @@ class GPTDataModule(L.LightningDataModule):
             batch_size=None,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
+            generator=self._loader_generator(),
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -368,7 +379,13 @@ class GPTDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            generator=self._loader_generator(),
         )
+
+    def _loader_generator(self) -> torch.Generator:
+        # Only seeds the loader workers (whose datasets draw no random numbers); what matters is
+        # that it is not the global generator, see the module docstring.
+        return torch.Generator().manual_seed(self.seed)
 
     def advance(self, n_batches: int = 1) -> None:
         """Record that `n_batches` more training batches were used (automatic under a Trainer)."""
@@ -401,11 +418,11 @@ class GPTDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume after the samples consumed so far.
+        """Resume after the samples consumed so far; refuse a different stream (see the module
+        docstring) unless `allow_data_change`.
 
-        The position is kept in samples, so a different per-rank batch size or world size
-        with the same global batch (B * W) still resumes exactly. Other changes are logged:
-        training goes on, but not on the batches the uninterrupted run would have seen.
+        The position is kept in samples, so with `allow_data_change` a different per-rank batch
+        size or world size with the same global batch (B * W) still continues exactly.
         """
         missing = [key for key in _STATE_KEYS if key not in state_dict]
         if missing:
@@ -415,20 +432,38 @@ class GPTDataModule(L.LightningDataModule):
             state_dict["batches_consumed"] * state_dict["batch_size"] * state_dict["world_size"]
         )
         per_batch = self.batch_size * world_size
-        self._set_batches_consumed(-(-samples // per_batch))  # round up: never repeat a sample
-        now = {"seed": self.seed, "block_size": self.block_size, "manifest_sha": self.manifest_sha}
-        changes = [
-            f"{key} {state_dict[key]!r} -> {value!r}"
-            for key, value in now.items()
-            if state_dict[key] != value
-        ]
+        changes = self._stream_changes(state_dict, world_size)
         if samples % per_batch:
             changes.append(
                 f"{samples} samples consumed is not a multiple of the global batch {per_batch}"
             )
-        if changes:
-            log.warning(
-                "resuming the data stream with changes (%s); it will not match an "
-                "uninterrupted run",
-                "; ".join(changes),
+        if changes and not self.allow_data_change:
+            raise DataError(
+                "the checkpoint was trained on a different data stream: "
+                + "; ".join(changes)
+                + ". Resuming would not continue it. Restore the old settings, or pass "
+                "resume.allow_data_change=true (GPTDataModule(allow_data_change=True)) to "
+                "resume anyway; the position is kept in samples, so an equal global batch "
+                "(batch size x world size) still continues the same samples"
             )
+        if changes:
+            log.warning("resuming the data stream with changes: %s", "; ".join(changes))
+        self._set_batches_consumed(-(-samples // per_batch))  # round up: never repeat a sample
+
+    def _stream_changes(self, state_dict: dict[str, Any], world_size: int) -> list[str]:
+        """What differs between a saved stream state and this datamodule at `world_size`."""
+        now = {
+            "seed": self.seed,
+            "world_size": world_size,
+            "batch_size": self.batch_size,
+            "block_size": self.block_size,
+            "manifest_sha": self.manifest_sha,
+        }
+        changes = []
+        for key, value in now.items():
+            saved = state_dict[key]
+            if saved != value:
+                if key == "manifest_sha":  # the data directory was re-prepared or replaced
+                    key, saved, value = "manifest.json sha256", saved[:12], value[:12]
+                changes.append(f"{key} {saved!r} -> {value!r}")
+        return changes

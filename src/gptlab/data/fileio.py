@@ -14,8 +14,9 @@ from typing import BinaryIO
 def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     """Open a temporary file next to `path` for binary writing; on success it replaces `path`.
 
-    The data is fsynced before the rename, so after a crash `path` holds either its old
-    content or the complete new content, never a torn write. On error the temp file is removed.
+    The data is fsynced before the rename and the directory after it, so after a crash `path`
+    holds either its old content or the complete new content, never a torn write. On error the
+    temp file is removed.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -31,6 +32,18 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _fsync_directory(path.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # The rename lives in the directory entry: without this, a power loss could undo it.
+    if os.name != "posix":
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

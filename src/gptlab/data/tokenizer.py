@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -134,8 +135,27 @@ def train_tokenizer(
             f"unknown tokenizer kind {kind!r}; choose one of {sorted(TOKENIZER_KINDS)}"
         )
     tokenizer, trainer = TOKENIZER_KINDS[kind](vocab_size, min_frequency)
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(_bounded_runs(texts), trainer=trainer)
     return tokenizer
+
+
+# Training time grows with the square of a pre-tokenized word's length: one 2 MB line without
+# spaces (minified code, a base64 blob) would take an hour. Longer runs of non-space or space
+# characters are cut into pieces for training only; encoding is unaffected and stays exact.
+MAX_TRAINING_RUN = 1000
+_LONG_RUN = re.compile(rf"\S{{{MAX_TRAINING_RUN},}}|\s{{{MAX_TRAINING_RUN},}}")
+
+
+def _bounded_runs(texts: Iterable[str]) -> Iterator[str]:
+    for text in texts:
+        start = 0
+        for match in _LONG_RUN.finditer(text):
+            yield text[start : match.start()]
+            run = match.group()
+            for i in range(0, len(run), MAX_TRAINING_RUN):
+                yield run[i : i + MAX_TRAINING_RUN]
+            start = match.end()
+        yield text[start:]
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:

@@ -2,7 +2,8 @@
 
 Hyperparameters are plain dicts (model, optimizer, scheduler), so a checkpoint rebuilds the model
 without Hydra: `LitGPT.load_from_checkpoint(path)`. The tokenizer travels inside the checkpoint
-as its JSON text, so a checkpoint alone is enough to generate text.
+as its JSON text, so a checkpoint alone is enough to generate text. Checkpoints also carry every
+rank's RNG states for an exact resume (see `gptlab.training.resume`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,13 @@ from gptlab.training.scale import (
     check_switches,
     is_logging_step,
     speed_up_model,
+)
+from gptlab.training.resume import (
+    RNG_KEY,
+    check_same_model,
+    gather_rng_states,
+    restore_rng_state,
+    rng_state_of_rank,
 )
 
 TOKENIZER_KEY = "gptlab_tokenizer_json"
@@ -60,6 +68,7 @@ class LitGPT(L.LightningModule):
         self.model = GPT(self.config)
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
+        self._rng_to_restore: dict[str, Any] | None = None
         self._sped_up = False
 
     def configure_model(self) -> None:
@@ -113,6 +122,22 @@ class LitGPT(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer_json is not None:
             checkpoint[TOKENIZER_KEY] = self.tokenizer_json
+        checkpoint[RNG_KEY] = gather_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs before Lightning loads the weights, so a different model fails with a message.
+        resuming = self._trainer is not None  # not LitGPT.load_from_checkpoint
+        source = f"checkpoint {self._trainer.ckpt_path}" if resuming else "the checkpoint"
+        saved_model = checkpoint.get("hyper_parameters", {}).get("model")
+        check_same_model(saved_model, self.config, source)
         self.tokenizer_json = checkpoint.get(TOKENIZER_KEY)
+        if resuming:
+            self._rng_to_restore = rng_state_of_rank(checkpoint.get(RNG_KEY), self.global_rank)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # The RNGs are restored just before the first step after a resume, not at load time:
+        # the setup in between (callbacks' on_train_start, loader iterators) may draw random
+        # numbers, which the uninterrupted run drew before it wrote the checkpoint.
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None

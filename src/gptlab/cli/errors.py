@@ -1,0 +1,39 @@
+"""Errors a user can fix become one clear line on stderr and exit status 1, not a traceback."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+from hydra.errors import InstantiationException
+
+# Bad values and data (ValueError, incl. DataError), missing or unwritable files and full disks
+# (OSError), a diverged run (TrainingDivergedError is a FloatingPointError), and errors raised
+# while Hydra builds a `_target_` (the datamodule, Trainer, callbacks, loggers).
+USER_ERRORS = (ValueError, OSError, FloatingPointError, InstantiationException)
+
+
+@contextlib.contextmanager
+def report_user_errors(tool: str) -> Iterator[None]:
+    """Print `USER_ERRORS` raised inside as ``<tool>: error: <message>``; exit with status 1.
+
+    ``HYDRA_FULL_ERROR=1`` re-raises them with the full traceback, as for Hydra's own errors.
+    """
+    try:
+        yield
+    except USER_ERRORS as err:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"{tool}: error: {describe(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def describe(err: BaseException) -> str:
+    """The message of `err`; for a failed Hydra instantiation, that of the error behind it."""
+    cause = err.__cause__
+    if isinstance(err, InstantiationException) and isinstance(cause, USER_ERRORS):
+        return describe(cause)
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines) or type(err).__name__

@@ -1,0 +1,223 @@
+"""Exact resume: RNG states and plain data in checkpoints, refused resumes, `ckpt_path=last`,
+and atomic checkpoint writes (full disk, kill during a save)."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from gptlab.data.datamodule import GPTDataModule
+from gptlab.data.errors import DataError
+from gptlab.training.checkpoint import find_last_checkpoint, write_run_record
+from gptlab.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from gptlab.training.lit_gpt import LitGPT
+from gptlab.training.resume import RNG_KEY
+
+BLOCK = 16
+MODEL = {"block_size": BLOCK, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1}
+
+
+class DrawingGPT(LitGPT):
+    """Records, at every training step, one draw of each RNG and the loss."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.draws = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.draws.append((random.random(), np.random.rand(), torch.rand(1).item(), loss.item()))
+        return loss
+
+
+def datamodule(data_dir, **changes):
+    options = {"block_size": BLOCK, "batch_size": 4, "seed": 3, "val_windows": 4, **changes}
+    return GPTDataModule(str(data_dir), **options)
+
+
+def fit(data_dir, ckpt_dir, max_steps, ckpt_path=None):
+    L.seed_everything(0)
+    dm = datamodule(data_dir)
+    model = DrawingGPT(
+        model={**MODEL, "vocab_size": dm.vocab_size},
+        scheduler={"warmup_steps": 1, "max_steps": 6},
+    )
+    checkpoints = L.pytorch.callbacks.ModelCheckpoint(
+        ckpt_dir, filename="{step}", every_n_train_steps=2, save_top_k=-1
+    )
+    trainer = L.Trainer(
+        max_steps=max_steps,
+        accelerator="cpu",
+        limit_val_batches=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[checkpoints],
+        plugins=[AtomicCheckpointIO()],
+    )
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
+    return model
+
+
+def test_resume_continues_losses_rngs_and_weights_exactly(tiny_data_dir, tmp_path):
+    full = fit(tiny_data_dir, tmp_path / "full", 6)
+    part = fit(tiny_data_dir, tmp_path / "part", 3)  # killed after step 3, last checkpoint at 2
+    resumed = fit(tiny_data_dir, tmp_path / "resumed", 6, ckpt_path=tmp_path / "part/step=2.ckpt")
+    assert part.draws == full.draws[:3]
+    assert resumed.draws == full.draws[2:]  # Python, NumPy and torch draws, and the losses
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+    checkpoint = torch.load(tmp_path / "part/step=2.ckpt", weights_only=True)
+    assert checkpoint["GPTDataModule"]["batches_consumed"] == 2
+    assert {"optimizer_states", "lr_schedulers", "loops", "hyper_parameters"} <= set(checkpoint)
+    (rng,) = checkpoint[RNG_KEY]  # one entry per rank
+    assert {"torch", "python", "numpy"} <= set(rng)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"seed": 4}, "seed 3 -> 4"),
+        ({"block_size": 8}, "block_size 16 -> 8"),
+        ({"batch_size": 2}, "batch_size 4 -> 2"),
+        ({"world_size": 2, "batch_size": 2}, "world_size 1 -> 2"),
+        ({"manifest_sha": "0" * 64}, r"manifest.json sha256 '000000000000' -> "),
+    ],
+)
+def test_resume_on_another_data_stream_is_refused_unless_allowed(tiny_data_dir, changes, message):
+    saved = datamodule(tiny_data_dir)
+    saved.advance(5)
+    state = saved.state_dict()
+    if "manifest_sha" in changes:
+        state["manifest_sha"] = changes.pop("manifest_sha")
+    world_size = changes.pop("world_size", 1)
+    for allowed in (False, True):
+        dm = datamodule(tiny_data_dir, allow_data_change=allowed, **changes)
+        dm.rank_and_world_size = lambda: (0, world_size)  # noqa: B023
+        if not allowed:
+            with pytest.raises(DataError, match=f"{message}.*allow_data_change=true"):
+                dm.load_state_dict(state)
+        else:
+            dm.load_state_dict(state)
+            samples = 5 * 4  # the position is kept in samples, rounded up to whole batches
+            per_batch = dm.batch_size * world_size
+            assert dm.batches_consumed == -(-samples // per_batch)
+
+
+def test_resume_of_another_model_is_refused_before_loading_weights():
+    saved = {**MODEL, "vocab_size": 300}
+    model = LitGPT(model={**saved, "n_embd": 32, "dropout": 0.0})
+    with pytest.raises(ValueError, match=r"model\.n_embd 16 -> 32\)"):  # dropout may change
+        model.on_load_checkpoint({"hyper_parameters": {"model": saved}})
+    with pytest.raises(ValueError, match="not a gptlab-train checkpoint"):
+        model.on_load_checkpoint({"state_dict": {}})
+
+
+def test_ckpt_path_last_is_the_newest_run_of_the_same_name(tmp_path):
+    runs = tmp_path / "train" / "runs"
+
+    def run(folder, name, mtime=None):
+        checkpoints = runs / folder / "checkpoints"
+        checkpoints.mkdir(parents=True)
+        write_run_record(runs / folder, name, checkpoints, resumed_from=None)
+        if mtime is not None:
+            (checkpoints / "last.ckpt").write_bytes(b"")
+            os.utime(checkpoints / "last.ckpt", (mtime, mtime))
+        return checkpoints / "last.ckpt"
+
+    run("a1", "exp", mtime=100)
+    newest_exp = run("a2", "exp", mtime=200)
+    run("a3", "exp")  # killed before its first checkpoint
+    newest = run("b", "other", mtime=300)
+    assert find_last_checkpoint(tmp_path, "train", "exp") == newest_exp
+    assert find_last_checkpoint(tmp_path, "train") == newest  # any run (gptlab-generate)
+    with pytest.raises(
+        FileNotFoundError, match=f"no last.ckpt of a run named 'nope' under {runs.parent}"
+    ):
+        find_last_checkpoint(tmp_path, "train", "nope")
+
+
+class _DiskFullAfter(io.FileIO):
+    """A file on a disk that fills up after `room` bytes."""
+
+    room = 2000
+
+    def write(self, data):
+        if self.tell() + len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
+
+
+def _fail_fsync(fd):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("where", ["write", "fsync"])
+def test_full_disk_gives_clear_error_removes_temp_and_keeps_previous(tmp_path, monkeypatch, where):
+    checkpoint_io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    checkpoint_io.save_checkpoint({"weights": torch.zeros(100)}, path)
+    if where == "write":
+        monkeypatch.setattr(os, "fdopen", lambda fd, mode: _DiskFullAfter(fd, "wb"))
+    else:
+        monkeypatch.setattr(os, "fsync", _fail_fsync)
+    with pytest.raises(
+        CheckpointWriteError, match=f"cannot write checkpoint {path}: no space"
+    ) as e:
+        checkpoint_io.save_checkpoint({"weights": torch.ones(10_000)}, path)
+    assert e.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no temp file left
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.zeros(100))
+
+
+_SAVE_THEN_HANG = """
+import io, os, sys, time, torch
+from gptlab.training.checkpoint_io import AtomicCheckpointIO
+
+path, marker = sys.argv[1:]
+AtomicCheckpointIO().save_checkpoint({"weights": torch.zeros(100)}, path)
+
+class SlowDisk(io.FileIO):
+    def write(self, data):
+        written = super().write(data)
+        open(marker, "w").close()  # some of the new checkpoint is on disk: kill me now
+        time.sleep(60)
+        return written
+
+os.fdopen = lambda fd, mode: SlowDisk(fd, "wb")
+AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(100_000)}, path)
+"""
+
+
+@pytest.mark.slow
+def test_kill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
+    path, marker = tmp_path / "last.ckpt", tmp_path / "writing"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(_SAVE_THEN_HANG), str(path), str(marker)]
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (temp,) = tmp_path.glob(".last.ckpt.*.tmp")  # the torn write, under another name
+    assert temp.stat().st_size > 0
+    assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.zeros(100))
+
+    AtomicCheckpointIO().save_checkpoint({"weights": torch.ones(3)}, path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "writing"]  # cleaned up
