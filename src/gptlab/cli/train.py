@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.cli import CONFIG_DIR
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPTConfig
+from gptlab.scaling.plan import ScalingRun
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
 from gptlab.training.checkpoint import resolve_checkpoint
 from gptlab.training.lit_gpt import LitGPT
@@ -47,8 +48,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     first step: the model, optimizer, schedule, data and Trainer are all built first."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule: GPTDataModule = instantiate(cfg.data.loader)
+    scaling_run = ScalingRun.start(cfg, datamodule)  # only for configs with a `scaling` section
+    if scaling_run is not None and scaling_run.earlier_result is not None:
+        return scaling_run.earlier_result  # finished before, or too big for its FLOP budget
     model = build_model(cfg, datamodule)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = instantiate_group(cfg.get("callbacks")) + ([scaling_run] if scaling_run else [])
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     ckpt_path = cfg.get("ckpt_path")
