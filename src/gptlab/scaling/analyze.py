@@ -190,12 +190,13 @@ def confidence_intervals(
     return intervals, failures
 
 
-def holdout(runs: Runs, starts: int) -> dict[str, Any]:
-    """Fit on every budget but the largest, then predict the largest budget's runs."""
+def holdout(runs: Runs, starts: int) -> dict[str, Any] | None:
+    """Fit on every budget but the largest, then predict the largest budget's runs; None with
+    fewer than 3 budgets (approach 2 needs two to fit)."""
     largest = float(runs.budgets.max())
     train, test = runs.take(runs.budget < largest), runs.take(runs.budget == largest)
     if len(train.budgets) < 2:
-        raise ValueError("a held-out test needs runs at >= 3 budgets")
+        return None
     fits = fit_all(train, starts)
     result: dict[str, Any] = {"budget": largest, "fit_budgets": train.budgets.tolist()}
     for name, predicted in (
@@ -229,7 +230,17 @@ def budget_colors(budgets: np.ndarray) -> dict[float, Any]:
     return {b: cmap(i / max(1, len(budgets) - 1)) for i, b in enumerate(sorted(budgets))}
 
 
-def plot_isoflops(runs: Runs, fits: Fits, held_out: float):
+def log_axes(ax, x: bool = True, y: bool = False) -> None:
+    """Log scales without labels on the minor ticks, which would overlap on short ranges."""
+    from matplotlib.ticker import NullFormatter
+
+    for on, axis, set_scale in ((x, ax.xaxis, ax.set_xscale), (y, ax.yaxis, ax.set_yscale)):
+        if on:
+            set_scale("log")
+            axis.set_minor_formatter(NullFormatter())
+
+
+def plot_isoflops(runs: Runs, fits: Fits, held_out: float | None):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 4), layout="constrained")
@@ -244,13 +255,14 @@ def plot_isoflops(runs: Runs, fits: Fits, held_out: float):
             n = np.exp(np.linspace(*np.log(curve.n_range), 100))
             ax.plot(n, curve.loss(n), color=colors[budget], lw=1)
             ax.plot(curve.n_opt, curve.loss_opt, "x", color=colors[budget], ms=9, mew=2)
-    ax.set(xscale="log", xlabel="parameters N", ylabel="final validation loss (nats/token)")
+    log_axes(ax)
+    ax.set(xlabel="parameters N", ylabel="final validation loss (nats/token)")
     ax.set_title("isoFLOP curves (x: parabola minimum)")
     ax.legend(fontsize=8)
     return fig
 
 
-def plot_optimal(runs: Runs, fits: Fits, held: dict[str, Any]):
+def plot_optimal(runs: Runs, fits: Fits, held: dict[str, Any] | None):
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8), layout="constrained")
@@ -266,36 +278,39 @@ def plot_optimal(runs: Runs, fits: Fits, held: dict[str, Any]):
         ax.plot(c_line, law(c_line), label=f"approach 2: ∝ C^{law.exponent:.2f}")
         exponent = (fits.chinchilla.a, fits.chinchilla.b)[i]
         ax.plot(c_line, optimum3[:, i], "--", label=f"approach 3 (a={exponent:.2f} as C→∞)")
-        ax.set(xscale="log", yscale="log", xlabel="training FLOPs C", ylabel=f"{name}_opt")
+        log_axes(ax, y=True)
+        ax.set(xlabel="training FLOPs C", ylabel=f"{name}_opt")
         ax.legend(fontsize=8)
-    held_fits: Fits = held["fits"]
-    axes[0].scatter(
-        [held["budget"]],
-        [held_fits.isoflop.n_opt(held["budget"])],
-        marker="*",
-        s=120,
-        color="tab:red",
-        zorder=4,
-        label="predicted from smaller budgets",
-    )
-    axes[0].legend(fontsize=8)
+    if held is not None:
+        axes[0].scatter(
+            [held["budget"]],
+            [held["fits"].isoflop.n_opt(held["budget"])],
+            marker="*",
+            s=120,
+            color="tab:red",
+            zorder=4,
+            label="predicted from smaller budgets",
+        )
+        axes[0].legend(fontsize=8)
     fig.suptitle("compute-optimal model size and data")
     return fig
 
 
-def plot_predicted(runs: Runs, held: dict[str, Any]):
+def plot_predicted(runs: Runs, fits: Fits, held: dict[str, Any] | None):
+    """Approach 3's predictions against the observed losses; fitted without the largest budget
+    when there is a held-out test."""
     import matplotlib.pyplot as plt
 
-    law: ChinchillaLaw = held["fits"].chinchilla
+    law: ChinchillaLaw = (held["fits"] if held else fits).chinchilla
     predicted = law.loss(runs.params, runs.tokens)
-    test = runs.budget == held["budget"]
+    test = runs.budget == (held["budget"] if held else np.nan)
     fig, ax = plt.subplots(figsize=(4.5, 4), layout="constrained")
     ax.scatter(runs.loss[~test], predicted[~test], label="fitted budgets", color="tab:blue")
     ax.scatter(runs.loss[test], predicted[test], label="held-out budget", color="tab:red")
     lo, hi = runs.loss.min() - 0.05, runs.loss.max() + 0.05
     ax.plot([lo, hi], [lo, hi], "k:", lw=1)
     ax.set(xlabel="observed loss", ylabel="approach-3 prediction", xlim=(lo, hi), ylim=(lo, hi))
-    ax.set_title("L(N, D) fitted without the largest budget")
+    ax.set_title("L(N, D) fitted without the largest budget" if held else "L(N, D) fit")
     ax.legend(fontsize=8)
     return fig
 
@@ -312,7 +327,8 @@ def plot_kaplan(runs: Runs, fits: Fits):
     n = np.geomspace(runs.non_embedding_params.min() / 2, runs.non_embedding_params.max() * 2, 50)
     law = fits.kaplan
     ax.plot(n, law.loss_n(n), "k--", label=f"L(N) = (N_c/N)^{law.alpha_n:.3f}  (D → ∞)")
-    ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="final validation loss")
+    log_axes(ax)
+    ax.set(xlabel="non-embedding parameters N", ylabel="final validation loss")
     ax.set_title("Kaplan-style L(N)")
     ax.legend(fontsize=8)
     return fig
@@ -384,7 +400,9 @@ def fits_table(
     return lines
 
 
-def holdout_table(held: dict[str, Any]) -> list[str]:
+def holdout_table(held: dict[str, Any] | None) -> list[str]:
+    if held is None:
+        return ["## Held-out budget", "", "Not tested: that needs runs at >= 3 budgets."]
     fitted_on = ", ".join(format_flops(b) for b in held["fit_budgets"])
     lines = [
         f"## Held-out budget C = {format_flops(held['budget'])} (fitted on {fitted_on})",
@@ -458,16 +476,16 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
         "summary": summary,
         "intervals": intervals,
         "bootstrap": {"resamples": cfg.bootstrap, "failed": failures},
-        "holdout": {k: v for k, v in held.items() if k != "fits"},
+        "holdout": held and {k: v for k, v in held.items() if k != "fits"},
         "isoflop_minima": [asdict(c) for c in fits.isoflop.curves],
         "isoflop_skipped": fits.isoflop.skipped,
         "flops_per_token_law": asdict(fits.fpt),
     }
     atomic_write_text(out_dir / "fits.json", json.dumps(results, indent=2) + "\n")
     figures = {
-        "isoflop": plot_isoflops(runs, fits, held["budget"]),
+        "isoflop": plot_isoflops(runs, fits, held and held["budget"]),
         "optimal": plot_optimal(runs, fits, held),
-        "predicted": plot_predicted(runs, held),
+        "predicted": plot_predicted(runs, fits, held),
         "kaplan": plot_kaplan(runs, fits),
     }
     pngs = [out_dir / f"{name}.png" for name in figures]

@@ -320,7 +320,8 @@ class ChinchillaLaw:
         accounting, found on a fine grid of N instead of the closed form for C = 6 N D."""
         n = np.exp(np.linspace(np.log(1e2), np.log(1e12), 20001))
         d = budget / fpt(n)
-        i = int(np.argmin(self.loss(n, d)))
+        with np.errstate(over="ignore"):  # a wild bootstrap fit may overflow at the grid's ends
+            i = int(np.argmin(self.loss(n, d)))
         return float(n[i]), float(d[i])
 
 
