@@ -18,9 +18,8 @@ from gptlab.scaling.fit import (
     PowerLaw,
     Runs,
     bootstrap_intervals,
-    fit_chinchilla,
     fit_isoflops,
-    fit_kaplan,
+    fit_law,
     residual_resampler,
 )
 from gptlab.scaling.plan import (
@@ -152,7 +151,7 @@ def test_fast_dev_run_of_the_sweep_config_is_not_recorded(tiny_data_dir, tmp_pat
 
 
 def test_parametric_fit_recovers_chinchilla_constants():
-    law = fit_chinchilla(chinchilla_runs(), starts=2)
+    law = fit_law(ChinchillaLaw, chinchilla_runs(), starts=2)
     assert law.alpha == pytest.approx(0.34, abs=2e-3)
     assert law.beta == pytest.approx(0.28, abs=2e-3)
     constants = (law.E, law.A, law.B)
@@ -164,14 +163,14 @@ def test_parametric_fit_shrugs_off_an_outlier():
     runs = chinchilla_runs()
     loss = runs.loss.copy()
     loss[7] *= 1.3  # a diverged run: Huber on log-loss barely moves the fit
-    law = fit_chinchilla(runs.with_loss(loss), starts=2)
+    law = fit_law(ChinchillaLaw, runs.with_loss(loss), starts=2)
     assert law.alpha == pytest.approx(0.34, abs=0.01)
     assert law.beta == pytest.approx(0.28, abs=0.01)
 
 
 def test_kaplan_fit_recovers_its_exponents():
     runs = synthetic_runs(lambda r: KAPLAN.loss(r.non_embedding_params, r.tokens))
-    law = fit_kaplan(runs, starts=2)
+    law = fit_law(KaplanLaw, runs, starts=2)
     assert law.alpha_n == pytest.approx(0.076, abs=1e-3)
     assert law.alpha_d == pytest.approx(0.095, abs=1e-3)
 

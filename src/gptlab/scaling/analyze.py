@@ -31,9 +31,8 @@ from gptlab.scaling.fit import (
     PowerLaw,
     Runs,
     bootstrap_intervals,
-    fit_chinchilla,
     fit_isoflops,
-    fit_kaplan,
+    fit_law,
     flops_per_token_law,
     pairs_resampler,
     residual_resampler,
@@ -155,8 +154,8 @@ def fit_all(runs: Runs, starts: int) -> Fits:
     return Fits(
         fpt=fpt,
         isoflop=fit_isoflops(runs, fpt),
-        chinchilla=fit_chinchilla(runs, starts=starts),
-        kaplan=fit_kaplan(runs, starts=starts),
+        chinchilla=fit_law(ChinchillaLaw, runs, starts=starts),
+        kaplan=fit_law(KaplanLaw, runs, starts=starts),
     )
 
 
@@ -172,11 +171,11 @@ def confidence_intervals(
         return isoflop_summary(fit_isoflops(r, fits.fpt), budget)
 
     def approach3(r: Runs) -> dict[str, float]:
-        law = fit_chinchilla(r, starts=1, near=fits.chinchilla)
+        law = fit_law(ChinchillaLaw, r, starts=1, near=fits.chinchilla)
         return chinchilla_summary(law, budget, fits.fpt)
 
     def kaplan(r: Runs) -> dict[str, float]:
-        return asdict(fit_kaplan(r, starts=1, near=fits.kaplan))
+        return asdict(fit_law(KaplanLaw, r, starts=1, near=fits.kaplan))
 
     intervals, failures = {}, {}
     for name, statistics, resample in (

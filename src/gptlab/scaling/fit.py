@@ -18,8 +18,10 @@ All numbers are plain numpy; torch only supplies L-BFGS and autograd, in float64
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from typing import ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -297,6 +299,18 @@ class ChinchillaLaw:
     alpha: float
     beta: float
 
+    grid: ClassVar[np.ndarray] = CHINCHILLA_GRID
+    log_loss = staticmethod(chinchilla_log_loss)
+
+    @staticmethod
+    def model_size(runs: Runs) -> np.ndarray:
+        return runs.params
+
+    @classmethod
+    def from_theta(cls, theta: np.ndarray) -> ChinchillaLaw:
+        a, b, e, alpha, beta = (float(t) for t in theta)
+        return cls(E=math.exp(e), A=math.exp(a), B=math.exp(b), alpha=alpha, beta=beta)
+
     def loss(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
         n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
         return self.E + self.A / n**self.alpha + self.B / d**self.beta
@@ -312,7 +326,7 @@ class ChinchillaLaw:
 
     @property
     def theta(self) -> np.ndarray:
-        """The fitted parameters as `chinchilla_log_loss` takes them."""
+        """The parameters as `chinchilla_log_loss` takes them."""
         return np.array([np.log(self.A), np.log(self.B), np.log(self.E), self.alpha, self.beta])
 
     def optimum(self, budget: float, fpt: PowerLaw) -> tuple[float, float]:
@@ -325,26 +339,6 @@ class ChinchillaLaw:
         return float(n[i]), float(d[i])
 
 
-def fit_chinchilla(runs: Runs, starts: int = 8, near: ChinchillaLaw | None = None) -> ChinchillaLaw:
-    """Approach 3 on all `runs`; `near`: an earlier fit to start from as well."""
-    a, b, e, alpha, beta = fit_huber_lbfgs(
-        chinchilla_log_loss,
-        CHINCHILLA_GRID,
-        np.log(runs.params),
-        np.log(runs.tokens),
-        np.log(runs.loss),
-        starts=starts,
-        extra_start=None if near is None else near.theta,
-    )[0]
-    return ChinchillaLaw(
-        E=float(np.exp(e)),
-        A=float(np.exp(a)),
-        B=float(np.exp(b)),
-        alpha=float(alpha),
-        beta=float(beta),
-    )
-
-
 @dataclass(frozen=True)
 class KaplanLaw:
     """L(N, D) = [(N_c / N)^(alpha_N / alpha_D) + D_c / D]^alpha_D, N without embeddings."""
@@ -353,6 +347,18 @@ class KaplanLaw:
     d_c: float
     alpha_n: float
     alpha_d: float
+
+    grid: ClassVar[np.ndarray] = KAPLAN_GRID
+    log_loss = staticmethod(kaplan_log_loss)
+
+    @staticmethod
+    def model_size(runs: Runs) -> np.ndarray:
+        return runs.non_embedding_params
+
+    @classmethod
+    def from_theta(cls, theta: np.ndarray) -> KaplanLaw:
+        log_nc, log_dc, alpha_n, alpha_d = (float(t) for t in theta)
+        return cls(n_c=math.exp(log_nc), d_c=math.exp(log_dc), alpha_n=alpha_n, alpha_d=alpha_d)
 
     def loss(self, n: np.ndarray, d: np.ndarray) -> np.ndarray:
         n, d = np.asarray(n, dtype=np.float64), np.asarray(d, dtype=np.float64)
@@ -364,27 +370,26 @@ class KaplanLaw:
 
     @property
     def theta(self) -> np.ndarray:
-        """The fitted parameters as `kaplan_log_loss` takes them."""
+        """The parameters as `kaplan_log_loss` takes them."""
         return np.array([np.log(self.n_c), np.log(self.d_c), self.alpha_n, self.alpha_d])
 
 
-def fit_kaplan(runs: Runs, starts: int = 8, near: KaplanLaw | None = None) -> KaplanLaw:
-    """Kaplan's L(N, D) on all `runs`; `near`: an earlier fit to start from as well."""
-    log_nc, log_dc, alpha_n, alpha_d = fit_huber_lbfgs(
-        kaplan_log_loss,
-        KAPLAN_GRID,
-        np.log(runs.non_embedding_params),
+LawT = TypeVar("LawT", "ChinchillaLaw", "KaplanLaw")
+
+
+def fit_law(law: type[LawT], runs: Runs, starts: int = 8, near: LawT | None = None) -> LawT:
+    """Fit `law` (ChinchillaLaw: approach 3, or KaplanLaw) to `runs` by `fit_huber_lbfgs`;
+    `near`: an earlier fit to start from as well (a bootstrap refit starts from the full fit)."""
+    theta, _ = fit_huber_lbfgs(
+        law.log_loss,
+        law.grid,
+        np.log(law.model_size(runs)),
         np.log(runs.tokens),
         np.log(runs.loss),
         starts=starts,
         extra_start=None if near is None else near.theta,
-    )[0]
-    return KaplanLaw(
-        n_c=float(np.exp(log_nc)),
-        d_c=float(np.exp(log_dc)),
-        alpha_n=float(alpha_n),
-        alpha_d=float(alpha_d),
     )
+    return law.from_theta(theta)
 
 
 # ----------------------------------------------------------------------------- bootstrap
