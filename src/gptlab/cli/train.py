@@ -18,6 +18,7 @@ from gptlab.cli.errors import report_user_errors
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.data.fileio import ensure_writable_dir
 from gptlab.model import GPTConfig
+from gptlab.scaling.plan import ScalingRun
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
 from gptlab.training.checkpoint import resolve_checkpoint, write_run_record
 from gptlab.training.lit_gpt import LitGPT
@@ -77,8 +78,13 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     datamodule: GPTDataModule = instantiate(
         cfg.data.loader, allow_data_change=cfg.resume.allow_data_change
     )
+    scaling_run = ScalingRun.start(cfg, datamodule)  # only for configs with a `scaling` section
+    if scaling_run is not None and scaling_run.earlier_result is not None:
+        return scaling_run.earlier_result  # finished before, or too big for its FLOP budget
     model = build_model(cfg, datamodule)
     callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
+    if scaling_run is not None:
+        callbacks.append(scaling_run)
     loggers = instantiate_group(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     set_global_batch(trainer, cfg.global_batch_tokens, datamodule)

@@ -1,0 +1,305 @@
+"""One run of a scaling-law sweep: from a FLOP budget and a model width to a training run.
+
+FLOP accounting is the model's own (`GPT.flops_per_token`): a training token costs
+
+    3 x (2 N_body  +  2 n_layer T n_embd  +  2 n_embd V)  =  6 N  +  attention
+
+where N = N_body + n_embd V counts the LM head matrix (the tied embedding), whose matmul is real
+compute, and T is the context length. A run with budget C trains for D = C / flops_per_token
+tokens, rounded down to whole optimizer steps, and records the C it actually spent.
+
+`ScalingRun` is what `gptlab-train` does with a config that has a `scaling` section (see
+configs/experiment/scaling_law.yaml): before training it fills in the model's depth and heads,
+the step count and the warmup, and skips the run if it finished before (its result file exists)
+or if the budget cannot buy `min_steps` steps; as a callback it logs N, D and C and, after the
+last step, writes `scaling_run.json` into the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from gptlab.data.datamodule import GPTDataModule
+from gptlab.data.fileio import atomic_write_text
+from gptlab.model import GPT, GPTConfig
+from gptlab.training.optim import dataclass_from_dict
+
+log = logging.getLogger(__name__)
+
+RESULT_FILE = "scaling_run.json"
+
+
+def format_flops(value: float) -> str:
+    """3e+12 -> '3e12', 2.5e11 -> '2.5e11': short, exact names for run directories."""
+    mantissa, exponent = f"{float(value):.6e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+# `${flops:${scaling.budget}}` names the run directories in configs/experiment/scaling_law.yaml.
+OmegaConf.register_new_resolver("flops", format_flops, replace=True)
+
+
+@dataclass
+class ScalingConfig:
+    """The `scaling` section of a sweep config. The sweep varies `budget` and `model.n_embd`;
+    depth and heads follow from the width by these rules unless the model config sets them."""
+
+    budget: float  # training FLOPs C of this run
+    aspect_ratio: float = 32.0  # n_embd / n_layer
+    head_size: int = 16
+    warmup_fraction: float = 0.05  # of the run's steps: the schedule scales with the run length
+    # Which (budget, width) points are worth running; neither changes a run's result.
+    min_steps: int = 100  # fewer steps than this: the model is too big for the budget
+    max_epochs: float = 4.0  # more passes over the data: repetition would bend the law
+    sweep_name: str = "default"  # names the sweep's directory (a new name starts afresh)
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("budget", self.budget > 0, "> 0 (training FLOPs)"),
+            ("aspect_ratio", self.aspect_ratio > 0, "> 0"),
+            ("head_size", isinstance(self.head_size, int) and self.head_size >= 1, "an int >= 1"),
+            ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"),
+            ("min_steps", isinstance(self.min_steps, int) and self.min_steps >= 1, "an int >= 1"),
+            ("max_epochs", self.max_epochs > 0, "> 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise ValueError(f"scaling.{name}={getattr(self, name)!r} must be {expected}")
+
+
+def model_shape(n_embd: int, scaling: ScalingConfig) -> tuple[int, int]:
+    """(n_layer, n_head) of a model `n_embd` wide: fixed aspect ratio, fixed head size."""
+    if n_embd % scaling.head_size:
+        raise ValueError(
+            f"model.n_embd={n_embd} must be a multiple of scaling.head_size={scaling.head_size}"
+        )
+    return max(1, round(n_embd / scaling.aspect_ratio)), n_embd // scaling.head_size
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    budget: float  # C asked for
+    n_layer: int
+    n_head: int
+    n_embd: int
+    params: int  # N: all parameters, the tied embedding counted once (Chinchilla's N)
+    non_embedding_params: int  # Kaplan's N
+    flops_per_token: float
+    tokens_per_step: int
+    steps: int
+    warmup_steps: int
+    tokens: int  # D
+    flops: float  # C spent: tokens x flops_per_token (<= budget)
+    epochs: float  # D / unique training tokens
+    skip_reason: str | None = None
+
+
+def plan_run(
+    scaling: ScalingConfig, model: dict[str, Any], tokens_per_step: int, train_tokens: int
+) -> RunPlan:
+    """Steps, warmup and the N, D, C bookkeeping of `model` (a complete GPTConfig dict)."""
+    config = GPTConfig.from_dict(model)
+    with torch.device("meta"):  # counts without allocating or initialising any weights
+        gpt = GPT(config)
+    flops_per_token = gpt.flops_per_token()
+    steps = int(scaling.budget // (flops_per_token * tokens_per_step))
+    tokens = steps * tokens_per_step
+    skip_reason = None
+    if steps < scaling.min_steps:
+        skip_reason = (
+            f"budget {scaling.budget:.3g} FLOPs buys {steps} steps of {tokens_per_step} tokens "
+            f"for this model, fewer than scaling.min_steps={scaling.min_steps}"
+        )
+    elif tokens > scaling.max_epochs * train_tokens:
+        skip_reason = (
+            f"budget {scaling.budget:.3g} FLOPs buys {tokens:,} tokens for this model, "
+            f"{tokens / train_tokens:.1f} epochs of the data, more than "
+            f"scaling.max_epochs={scaling.max_epochs}"
+        )
+    return RunPlan(
+        budget=float(scaling.budget),
+        n_layer=config.n_layer,
+        n_head=config.n_head,
+        n_embd=config.n_embd,
+        params=gpt.num_params(),
+        non_embedding_params=gpt.num_params(non_embedding=True),
+        flops_per_token=flops_per_token,
+        tokens_per_step=tokens_per_step,
+        steps=steps,
+        warmup_steps=round(scaling.warmup_fraction * steps),
+        tokens=tokens,
+        flops=tokens * flops_per_token,
+        epochs=tokens / train_tokens,
+        skip_reason=skip_reason,
+    )
+
+
+def tokens_per_step(cfg: DictConfig) -> int:
+    """Training tokens in one optimizer step, over all devices."""
+    devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
+    if not isinstance(devices, int):
+        raise ValueError(
+            f"trainer.devices={devices!r}: a scaling run needs the device count as an int "
+            "to count the tokens of a step"
+        )
+    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
+    return cfg.data.loader.batch_size * cfg.model.block_size * accumulate * devices * nodes
+
+
+class ScalingRun(L.Callback):
+    """The scaling-law side of one training run (see the module docstring)."""
+
+    def __init__(self, cfg: DictConfig, datamodule: GPTDataModule) -> None:
+        self.scaling = dataclass_from_dict(
+            ScalingConfig, OmegaConf.to_container(cfg.scaling, resolve=True), "scaling"
+        )
+        self.result_path = Path(cfg.paths.output_dir) / RESULT_FILE
+        # A smoke test (fast_dev_run) runs one step of any plan, even one the rules would skip.
+        self.smoke_test = bool(cfg.trainer.get("fast_dev_run"))
+        self.plan = self._apply_plan(cfg, datamodule)
+        self.settings = self._settings(cfg, datamodule)
+        self.earlier_result = self._earlier_result()
+        self._final_val: tuple[int, float] | None = None
+        self._started = (0.0, 0.0)
+
+    @classmethod
+    def start(cls, cfg: DictConfig, datamodule: GPTDataModule) -> ScalingRun | None:
+        """A ScalingRun for a config with a `scaling` section, else None. It edits `cfg`."""
+        return cls(cfg, datamodule) if cfg.get("scaling") is not None else None
+
+    def _apply_plan(self, cfg: DictConfig, datamodule: GPTDataModule) -> RunPlan:
+        model = cfg.model
+        n_layer, n_head = model_shape(model.n_embd, self.scaling)
+        model.n_layer = n_layer if model.n_layer is None else model.n_layer
+        model.n_head = n_head if model.n_head is None else model.n_head
+        model.vocab_size = datamodule.vocab_size if model.vocab_size is None else model.vocab_size
+        plan = plan_run(
+            self.scaling,
+            OmegaConf.to_container(model, resolve=True),
+            tokens_per_step(cfg),
+            datamodule.manifest["splits"]["train"]["tokens"],
+        )
+        if plan.skip_reason is None or self.smoke_test:
+            cfg.trainer.max_steps = max(1, plan.steps)
+            cfg.scheduler.warmup_steps = plan.warmup_steps
+        return plan
+
+    def _settings(self, cfg: DictConfig, datamodule: GPTDataModule) -> dict[str, Any]:
+        """Everything that decides a run's result: a finished run is reused only if these match."""
+        settings = {
+            name: OmegaConf.to_container(cfg[name], resolve=True)
+            for name in ("model", "optimizer", "scheduler")
+        }
+        settings.update(
+            budget=self.scaling.budget,
+            seed=cfg.seed,
+            tokens_per_step=self.plan.tokens_per_step,
+            tokenizer_sha256=datamodule.manifest["tokenizer"]["sha256"],
+            train_tokens=datamodule.manifest["splits"]["train"]["tokens"],
+        )
+        return json.loads(json.dumps(settings))  # as it reads back from the file (tuples: lists)
+
+    def _earlier_result(self) -> dict[str, Any] | None:
+        """The result to return instead of training: a run finished before, or a skip record."""
+        if self.result_path.is_file():
+            record = json.loads(self.result_path.read_text(encoding="utf-8"))
+            if record.get("status") == "finished":
+                self._check_same_settings(record.get("settings", {}))
+                print(f"{self.result_path.parent}: finished before, skipping")
+                return record
+        if self.plan.skip_reason is not None and not self.smoke_test:
+            print(f"{self.result_path.parent}: skipped: {self.plan.skip_reason}")
+            return self._write_record("skipped")
+        return None
+
+    def _check_same_settings(self, earlier: dict[str, Any]) -> None:
+        keys = sorted(
+            k
+            for k in earlier.keys() | self.settings.keys()
+            if earlier.get(k) != self.settings.get(k)
+        )
+        if keys:
+            raise ValueError(
+                f"{self.result_path} holds a finished run with other settings (differing: "
+                f"{', '.join(keys)}); set another scaling.sweep_name or remove that directory"
+            )
+
+    def _write_record(self, status: str, **measured: Any) -> dict[str, Any]:
+        record = {"status": status, **asdict(self.plan), **measured, "settings": self.settings}
+        self.result_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.result_path, json.dumps(record, indent=2) + "\n")
+        return record
+
+    def metrics(self) -> dict[str, float]:
+        p = self.plan
+        return {
+            "scaling/params": p.params,
+            "scaling/non_embedding_params": p.non_embedding_params,
+            "scaling/tokens": p.tokens,
+            "scaling/flops": p.flops,
+            "scaling/budget": p.budget,
+            "scaling/epochs": p.epochs,
+        }
+
+    # ---------------------------------------------------------------- callback hooks
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics(self.metrics(), step=0)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._started = (time.perf_counter(), time.process_time())
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loss = trainer.callback_metrics.get("val/loss")
+        if loss is not None and not trainer.sanity_checking:
+            self._final_val = (trainer.global_step, float(loss))
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Record the run, if it is a complete sweep point: all planned steps, then validated."""
+        step = trainer.global_step
+        if trainer.fast_dev_run or step != self.plan.steps:
+            log.warning("scaling run stopped at step %d of %d: not recorded", step, self.plan.steps)
+            return
+        if self._final_val is None or self._final_val[0] != step:
+            log.warning(
+                "scaling run: no validation after the last step (trainer.val_check_interval "
+                "must divide trainer.max_steps=%d): not recorded",
+                step,
+            )
+            return
+        if trainer.is_global_zero:
+            wall, cpu = self._started
+            self._write_record(
+                "finished",
+                val_loss=self._final_val[1],
+                train_seconds=time.perf_counter() - wall,
+                cpu_seconds=time.process_time() - cpu,
+            )
+            print(
+                f"scaling run: N={self.plan.params:,} ({self.plan.non_embedding_params:,} "
+                f"non-embedding), D={self.plan.tokens:,} tokens ({self.plan.epochs:.2f} epochs), "
+                f"C={self.plan.flops:.3g} FLOPs, val loss {self._final_val[1]:.4f}"
+            )
+
+
+def load_run_records(sweep_dir: str | Path) -> list[dict[str, Any]]:
+    """Every `scaling_run.json` under `sweep_dir` (finished and skipped), sorted by C then N."""
+    paths = sorted(Path(sweep_dir).rglob(RESULT_FILE))
+    records = []
+    for path in paths:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from e
+        records.append({**record, "run_dir": str(path.parent)})
+    return sorted(records, key=lambda r: (r["budget"], r["params"]))
