@@ -97,6 +97,7 @@ class SampleGenerationCallback(L.Callback):
         top_k: int | None = 50,
         top_p: float | None = None,
         seed: int = 0,
+        stop_at: str | None = None,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"SampleGenerationCallback.every_n_steps={every_n_steps} must be >= 1")
@@ -105,6 +106,7 @@ class SampleGenerationCallback(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.seed = seed
+        self.stop_at = stop_at  # a token that ends a sample, e.g. the end-of-text token
         self.last_samples: list[str] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -132,8 +134,9 @@ class SampleGenerationCallback(L.Callback):
         generator = torch.Generator(device=pl_module.device).manual_seed(self.seed)
         was_training = pl_module.training
         pl_module.eval()
+        eos_id = tokenizer.token_to_id(self.stop_at) if self.stop_at else None
         out = pl_module.model.generate(
-            idx, self.max_new_tokens, generator=generator, **self.sampling
+            idx, self.max_new_tokens, eos_id=eos_id, generator=generator, **self.sampling
         )
         pl_module.train(was_training)
         return tokenizer.decode(out[0].tolist())
