@@ -25,7 +25,6 @@ from gptlab.data.errors import DataError
 from gptlab.data.finetune import ExampleDataModule, distinct_docstrings, pad
 from gptlab.data.sources import iter_jsonl_values, json_field
 
-CLASSIFY_SOURCES = ("builtin", "jsonl")
 PAD_ID = -1
 
 
@@ -76,20 +75,13 @@ class ClassificationDataModule(ExampleDataModule):
         num_workers: int = 0,
         tokenizer_path: str | None = None,
     ) -> None:
-        super().__init__(max_length, batch_size, val_fraction, seed, num_workers, tokenizer_path)
-        if source not in CLASSIFY_SOURCES:
-            raise ValueError(f"data.source={source!r}; choose one of {', '.join(CLASSIFY_SOURCES)}")
-        if (source == "jsonl") != bool(paths):
-            raise ValueError(
-                f"data.paths={list(paths or [])}: source 'jsonl' needs files or globs, "
-                "source 'builtin' takes none"
-            )
+        super().__init__(
+            source, paths, max_length, batch_size, val_fraction, seed, num_workers, tokenizer_path
+        )
         if source == "builtin" and (num_classes is None or num_classes < 2):
             raise ValueError(f"data.num_classes={num_classes!r}: the built-in task needs >= 2")
         if max_length < 3:
             raise ValueError(f"data.loader.max_length={max_length}: need >= 3 (EOT, text, EOT)")
-        self.source = source
-        self.paths = list(paths or [])
         self.text_field = text_field
         self.label_field = label_field
         self.num_classes = num_classes

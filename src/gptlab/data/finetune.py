@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 # A target equal to this adds no loss: it is F.cross_entropy's default ignore_index.
 IGNORE_INDEX = -100
+EXAMPLE_SOURCES = ("builtin", "jsonl")
 
 
 def split_examples(examples: Sequence[Any], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -70,6 +71,8 @@ class ExampleDataModule(L.LightningDataModule):
 
     def __init__(
         self,
+        source: str,
+        paths: Sequence[str] | None,
         max_length: int,
         batch_size: int,
         val_fraction: float = 0.05,
@@ -78,9 +81,18 @@ class ExampleDataModule(L.LightningDataModule):
         tokenizer_path: str | None = None,
     ) -> None:
         super().__init__()
+        if source not in EXAMPLE_SOURCES:
+            raise ValueError(f"data.source={source!r}; choose one of {', '.join(EXAMPLE_SOURCES)}")
+        if (source == "jsonl") != bool(paths):
+            raise ValueError(
+                f"data.paths={list(paths or [])}: source 'jsonl' needs files or globs, "
+                "source 'builtin' takes none"
+            )
         for name, value in (("max_length", max_length), ("batch_size", batch_size)):
             if value < 1:
                 raise ValueError(f"data.loader.{name} must be >= 1, got {value}")
+        self.source = source  # "builtin": a task made from the built-in corpus; "jsonl": files
+        self.paths = list(paths or [])
         self.max_length = max_length
         self.batch_size = batch_size
         self.val_fraction = val_fraction

@@ -37,7 +37,6 @@ from gptlab.data.errors import DataError
 from gptlab.data.finetune import IGNORE_INDEX, ExampleDataModule, distinct_docstrings, pad
 from gptlab.data.sources import iter_jsonl_values, json_field
 
-SFT_SOURCES = ("builtin", "jsonl")
 ROLES = ("system", "user", "assistant")
 
 # (text, is_response): a rendered record is a list of these.
@@ -146,16 +145,9 @@ class SFTDataModule(ExampleDataModule):
         num_workers: int = 0,
         tokenizer_path: str | None = None,
     ) -> None:
-        super().__init__(max_length, batch_size, val_fraction, seed, num_workers, tokenizer_path)
-        if source not in SFT_SOURCES:
-            raise ValueError(f"data.source={source!r}; choose one of {', '.join(SFT_SOURCES)}")
-        if (source == "jsonl") != bool(paths):
-            raise ValueError(
-                f"data.paths={list(paths or [])}: source 'jsonl' needs files or globs, "
-                "source 'builtin' takes none"
-            )
-        self.source = source
-        self.paths = list(paths or [])
+        super().__init__(
+            source, paths, max_length, batch_size, val_fraction, seed, num_workers, tokenizer_path
+        )
         self.template = PromptTemplate(**dict(template or {}))
 
     def load_examples(self) -> list[list[Segment]]:

@@ -256,13 +256,16 @@ def build_finetune_module(
             f"vocab_size={gpt_config.vocab_size}"
         )
     datamodule.setup()
-    kwargs: dict[str, Any] = {}
-    if config.task == "classify":
-        kwargs = {"labels": datamodule.labels, "baseline_class": datamodule.majority_class}
-    lit = module_class(model, optimizer, scheduler, finetune, **kwargs)
+    classify = config.task == "classify"
+    extra = (
+        {"labels": datamodule.labels, "baseline_class": datamodule.majority_class}
+        if classify
+        else {}
+    )
+    lit = module_class(model, optimizer, scheduler, finetune, **extra)
     if pretrained is not None:
         # A classifier's head is new: the checkpoint's LM head does not apply.
-        load_pretrained_weights(lit.model, pretrained, skip="lm_head." if kwargs else "")
+        load_pretrained_weights(lit.model, pretrained, skip="lm_head." if classify else "")
     lit.tokenizer_json = datamodule.tokenizer_json
     print_parameter_counts(lit, config)
     return lit
