@@ -57,7 +57,6 @@ class Pretrained:
     config: GPTConfig
     state_dict: dict[str, Tensor]  # the GPT's weights, keys without the "model." prefix
     tokenizer_json: str | None
-    hparams: dict[str, Any]
 
 
 def read_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
@@ -84,7 +83,7 @@ def read_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         )
     if finetune.get("method") == "lora":
         state = _merge_lora_state(config, state, finetune.get("lora") or {})
-    return Pretrained(Path(path), config, state, checkpoint.get(TOKENIZER_KEY), hparams)
+    return Pretrained(Path(path), config, state, checkpoint.get(TOKENIZER_KEY))
 
 
 def _merge_lora_state(
