@@ -122,7 +122,8 @@ def test_hf_dataset_from_local_json(tmp_path):
 def test_hf_record_without_text_field(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"body": "x"}])
     with pytest.raises(
-        DataError, match=r"json\[train\]:0: no key 'text'; the record has \['body'\]"
+        DataError,
+        match=r"json\[train\]:0: expected a JSON object with key 'text'; the record has \['body'\]",
     ):
         list(iter_hf_dataset("json", data_files=str(path)))
 

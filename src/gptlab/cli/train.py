@@ -20,7 +20,18 @@ from gptlab.data.fileio import ensure_writable_dir
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingRun
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
+<<<<<<< HEAD
 from gptlab.training.checkpoint import resolve_checkpoint, write_run_record
+=======
+from gptlab.training.checkpoint import (
+    check_architecture,
+    check_same_tokenizer,
+    load_pretrained_weights,
+    read_pretrained,
+    resolve_checkpoint,
+)
+from gptlab.training.finetune import build_finetune_module
+>>>>>>> issue-8
 from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
@@ -31,11 +42,22 @@ def plain(node: DictConfig | None) -> dict[str, Any]:
 
 
 def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
-    model = plain(cfg.model)
+    """LitGPT, or with a `finetune` section LitSFT / LitClassifier; with `init_from`, its weights
+    come from that checkpoint (optimizer and step count start fresh)."""
+    init_from = cfg.get("init_from")
+    pretrained = None
+    if init_from is not None:
+        pretrained = read_pretrained(resolve_checkpoint(init_from, cfg.paths.log_dir))
+    model, optimizer, scheduler = plain(cfg.model), plain(cfg.optimizer), plain(cfg.scheduler)
+    if cfg.get("finetune") is not None:
+        return build_finetune_module(
+            model, optimizer, scheduler, plain(cfg.finetune), datamodule, pretrained
+        )
     if model.get("vocab_size") is None:
         model["vocab_size"] = datamodule.vocab_size
-    GPTConfig.from_dict(dict(model))  # validate before anything heavy happens
+    config = GPTConfig.from_dict(dict(model))  # validate before anything heavy happens
     datamodule.check_vocab(model["vocab_size"])
+<<<<<<< HEAD
     lit = LitGPT(
         model=model,
         optimizer=plain(cfg.optimizer),
@@ -49,7 +71,14 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
             f"data.loader.block_size={datamodule.block_size} exceeds model.block_size={limit}, "
             f"the length of the {lit.config.position!r} position table; make them equal"
         )
+=======
+    lit = LitGPT(model=model, optimizer=optimizer, scheduler=scheduler)
+>>>>>>> issue-8
     lit.tokenizer_json = datamodule.tokenizer_path.read_text(encoding="utf-8")
+    if pretrained is not None:
+        check_architecture(config, pretrained)
+        check_same_tokenizer(lit.tokenizer_json, pretrained)
+        load_pretrained_weights(lit.model, pretrained)
     return lit
 
 
@@ -111,11 +140,14 @@ def collect_results(
     trainer: L.Trainer, datamodule: GPTDataModule, callbacks: list[Any]
 ) -> dict[str, Any]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    manifest = getattr(datamodule, "manifest", {})  # finetuning data has no manifest
     results: dict[str, Any] = {
         "step": trainer.global_step,
         "val_loss": metrics.get("val/loss", math.nan),
         "val_ppl": metrics.get("val/ppl", math.nan),
-        "unigram_entropy": datamodule.manifest["unigram_entropy"],
+        "val_acc": metrics.get("val/acc", math.nan),
+        "val_majority_acc": metrics.get("val/majority_acc", math.nan),
+        "unigram_entropy": manifest.get("unigram_entropy", math.nan),
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
         "samples": [],
     }
@@ -130,10 +162,17 @@ def collect_results(
 @rank_zero_only
 def print_results(results: dict[str, Any]) -> None:
     print(f"\nstep {results['step']}")
-    print(
-        f"val loss {results['val_loss']:.4f} nats/token (perplexity {results['val_ppl']:.1f}); "
-        f"unigram entropy of the data {results['unigram_entropy']:.4f} nats/token"
-    )
+    line = f"val loss {results['val_loss']:.4f}"
+    if math.isnan(results["val_acc"]):
+        line += f" nats/token (perplexity {results['val_ppl']:.1f})"
+    else:
+        line += (
+            f", accuracy {results['val_acc']:.2%} "
+            f"(always the majority class: {results['val_majority_acc']:.2%})"
+        )
+    if not math.isnan(results["unigram_entropy"]):
+        line += f"; unigram entropy of the data {results['unigram_entropy']:.4f} nats/token"
+    print(line)
     if "tokens_per_sec" in results:
         print(
             f"training throughput {results['tokens_per_sec']:,.0f} tokens/s, "

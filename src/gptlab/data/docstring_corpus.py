@@ -1,7 +1,9 @@
 """Collects the built-in corpus; run as a script by `gptlab.data.sources.builtin_corpus`.
 
 Standard library only, so the script needs nothing on sys.path beyond what Python ships:
-``python -P docstring_corpus.py OUT_JSON [--site-packages]``.
+``python -P docstring_corpus.py OUT_JSON [--site-packages] [--records]``. With ``--records`` it
+writes (module, qualified name, docstring) triples instead of the corpus (finetuning tasks
+such as "which package is this docstring from?" need to know where each text came from).
 """
 
 from __future__ import annotations
@@ -56,6 +58,14 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 def collect_docstrings(include_site_packages: bool) -> list[str]:
     """The documents of `gptlab.data.sources.builtin_corpus`; run in a fresh interpreter."""
+    docs = [text for _, _, text in collect_records(include_site_packages)]
+    docs += [text for text in map(_clean, (topics[key] for key in sorted(topics))) if text]
+    return list(dict.fromkeys(docs))  # repeated docstrings are kept once, first one first
+
+
+def collect_records(include_site_packages: bool) -> list[tuple[str, str, str]]:
+    """(module, qualified name, docstring) for every docstring of the walked modules that has
+    at least `_MIN_DOC_WORDS` words, in walk order; a text repeated in several places repeats."""
     modules = list(_walk_modules(sorted(sys.stdlib_module_names), include_private=True))
     if include_site_packages:
         # Private submodules of third-party packages are internals (and torch's are huge).
@@ -63,15 +73,19 @@ def collect_docstrings(include_site_packages: bool) -> list[str]:
         modules += _walk_modules(installed, include_private=False)
     # Read namespaces only after every import: importing a submodule can add names to
     # its parent, so reading while walking would depend on the import order.
-    docs = [doc for module in modules for doc in _module_docs(module)]
-    docs += [topics[key] for key in sorted(topics)]
-    unique: dict[str, None] = {}
-    for doc in docs:
-        # Generated signatures can show default values' memory addresses, which vary per run.
-        text = _ADDRESS.sub("", inspect.cleandoc(doc))
-        if len(text.split()) >= _MIN_DOC_WORDS:
-            unique.setdefault(text, None)
-    return list(unique)
+    return [
+        (module.__name__, name, text)
+        for module in modules
+        for name, doc in _module_docs(module)
+        if (text := _clean(doc))
+    ]
+
+
+def _clean(doc: str) -> str:
+    """The docstring as the corpus stores it, or "" when it is too short to keep."""
+    # Generated signatures can show default values' memory addresses, which vary per run.
+    text = _ADDRESS.sub("", inspect.cleandoc(doc))
+    return text if len(text.split()) >= _MIN_DOC_WORDS else ""
 
 
 def _walk_modules(names: Iterable[str], include_private: bool) -> Iterator[ModuleType]:
@@ -101,23 +115,25 @@ def _skip_module(name: str, include_private: bool) -> bool:
     return not include_private and any(part.startswith("_") for part in parts[1:])
 
 
-def _module_docs(module: ModuleType) -> Iterator[str]:
-    """Docstrings of `module` and of the classes, methods and functions defined in it."""
-    yield _own_doc(module)
+def _module_docs(module: ModuleType) -> Iterator[tuple[str, str]]:
+    """(qualified name, docstring) of `module` and of the classes, methods and functions
+    defined in it."""
+    prefix = module.__name__
+    yield prefix, _own_doc(module)
     namespace = vars(module)
     for key in sorted(namespace):
         obj = namespace[key]
         if _safe_getattr(obj, "__module__") != module.__name__:
             continue
         if inspect.isclass(obj):
-            yield _own_doc(obj)
+            yield f"{prefix}.{key}", _own_doc(obj)
             members = vars(obj)
             for member_name in sorted(members):
                 member = members[member_name]
                 if inspect.isroutine(member) or inspect.isdatadescriptor(member):
-                    yield _own_doc(member)
+                    yield f"{prefix}.{key}.{member_name}", _own_doc(member)
         elif inspect.isroutine(obj):
-            yield _own_doc(obj)
+            yield f"{prefix}.{key}", _own_doc(obj)
 
 
 def _own_doc(obj: object) -> str:
@@ -136,5 +152,9 @@ def _safe_getattr(obj: object, name: str) -> object:
 
 
 if __name__ == "__main__":
-    docs = collect_docstrings(include_site_packages="--site-packages" in sys.argv[2:])
-    Path(sys.argv[1]).write_text(json.dumps(docs), encoding="utf-8")
+    site_packages = "--site-packages" in sys.argv[2:]
+    if "--records" in sys.argv[2:]:
+        result: list = collect_records(site_packages)
+    else:
+        result = collect_docstrings(site_packages)
+    Path(sys.argv[1]).write_text(json.dumps(result), encoding="utf-8")

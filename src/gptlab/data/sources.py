@@ -50,12 +50,23 @@ def builtin_corpus(include_site_packages: bool = False) -> list[str]:
     change interpreter state), and a library the caller imported earlier may have patched
     the standard library, which would change what is found.
     """
+    return _run_corpus_script(include_site_packages)
+
+
+def builtin_docstring_records(include_site_packages: bool = False) -> list[tuple[str, str, str]]:
+    """(module, qualified name, docstring) behind every docstring of `builtin_corpus`, in walk
+    order, repeats included (the same text can be found in several places). Finetuning tasks
+    built from the corpus use it, e.g. "which package does this docstring come from?"."""
+    return [tuple(record) for record in _run_corpus_script(include_site_packages, "--records")]
+
+
+def _run_corpus_script(include_site_packages: bool, *flags: str) -> list:
     script = Path(__file__).with_name("docstring_corpus.py")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "corpus.json"
         # -P keeps the script's and working directories off sys.path, so no local file can
         # shadow a standard module.
-        command = [sys.executable, "-P", "-W", "ignore", str(script), str(out)]
+        command = [sys.executable, "-P", "-W", "ignore", str(script), str(out), *flags]
         if include_site_packages:
             command.append("--site-packages")
         proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -91,6 +102,16 @@ def iter_jsonl(
     Each line must be a JSON object whose `text_field` holds a string. Globs and `errors`
     work as in `iter_text_files`.
     """
+    for path, line_number, value in iter_jsonl_values(patterns, errors):
+        where = f"{path}, line {line_number}"
+        yield f"{path}:{line_number}", json_field(value, text_field, str, where)
+
+
+def iter_jsonl_values(
+    patterns: list[str] | str, errors: str = "replace"
+) -> Iterator[tuple[Path, int, Any]]:
+    """Yield (path, line number, parsed JSON) for each non-blank line of the JSON Lines files in
+    `patterns`; invalid JSON is a DataError naming the file and line."""
     _check_choice("errors", errors, DECODE_ERRORS)
     for path in _expand(patterns):
         offset = 0
@@ -98,35 +119,39 @@ def iter_jsonl(
             for line_number, raw in enumerate(f, start=1):
                 line = _decode(raw, path, errors, offset)
                 offset += len(raw)
-                if line.strip():
-                    yield f"{path}:{line_number}", _text_field(line, path, line_number, text_field)
+                if not line.strip():
+                    continue
+                try:
+                    yield path, line_number, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}, line {line_number}: not valid JSON ({e.msg})"
+                    ) from None
 
 
-def _text_field(line: str, path: Path, line_number: int, text_field: str) -> str:
-    where = f"{path}, line {line_number}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as e:
+_KIND_NAMES = {str: "a string", list: "a list", dict: "an object"}
+
+
+def json_field(record: Any, key: str, kind: type, where: str) -> Any:
+    """`record[key]` of a JSON object, which must hold a `kind`; else a DataError naming `where`
+    (a file and line, say) and what was expected."""
+    if not isinstance(record, Mapping):
         raise DataError(
-            f"{where}: not valid JSON ({e.msg}); expected an object with a {text_field!r} string"
-        ) from None
-    if not isinstance(record, dict) or text_field not in record:
-        raise DataError(f"{where}: expected a JSON object with key {text_field!r}")
-    return _record_text(record, text_field, where)
-
-
-def _record_text(record: Mapping[str, Any], text_field: str, where: str) -> str:
-    """`record[text_field]`, which must be a string; a DataError naming `where` otherwise."""
-    if text_field not in record:
-        raise DataError(
-            f"{where}: no key {text_field!r}; the record has {sorted(record)} (set data.text_field)"
+            f"{where}: expected a JSON object with key {key!r}, got {_json_kind(record)}"
         )
-    text = record[text_field]
-    if not isinstance(text, str):
+    if key not in record:
         raise DataError(
-            f"{where}: key {text_field!r} holds {type(text).__name__}, expected a string"
+            f"{where}: expected a JSON object with key {key!r}; the record has {sorted(record)}"
         )
-    return text
+    value = record[key]
+    if not isinstance(value, kind):
+        expected = _KIND_NAMES.get(kind, kind.__name__)
+        raise DataError(f"{where}: key {key!r} holds {type(value).__name__}, expected {expected}")
+    return value
+
+
+def _json_kind(value: Any) -> str:
+    return _KIND_NAMES.get(type(value), type(value).__name__)
 
 
 def iter_parquet(patterns: list[str] | str, text_field: str = "text") -> Iterator[tuple[str, str]]:
@@ -181,7 +206,7 @@ def iter_hf_dataset(
     )
     for index, record in enumerate(dataset):
         where = f"{path}[{split}]:{index}"
-        yield where, _record_text(record, text_field, where)
+        yield where, json_field(record, text_field, str, where)
 
 
 def _import_optional(module: str, extra: str) -> ModuleType:

@@ -109,6 +109,7 @@ class SampleGenerationCallback(L.Callback):
         top_k: int | None = 50,
         top_p: float | None = None,
         seed: int = 0,
+        stop_at: str | None = None,
     ) -> None:
         if every_n_steps < 1:
             raise ValueError(f"SampleGenerationCallback.every_n_steps={every_n_steps} must be >= 1")
@@ -117,6 +118,7 @@ class SampleGenerationCallback(L.Callback):
         self.max_new_tokens = max_new_tokens
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.seed = seed
+        self.stop_at = stop_at  # a token that ends a sample, e.g. the end-of-text token
         self.last_samples: list[str] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
@@ -160,8 +162,11 @@ class SampleGenerationCallback(L.Callback):
         generator = torch.Generator(device=device).manual_seed(self.seed)
         was_training = model.training
         model.eval()
+        eos_id = tokenizer.token_to_id(self.stop_at) if self.stop_at else None
         # A compiled forward would recompile for every new sequence length; decode eagerly.
         with torch.compiler.set_stance("force_eager"):
-            out = model.generate(idx, self.max_new_tokens, generator=generator, **self.sampling)
+            out = model.generate(
+                idx, self.max_new_tokens, eos_id=eos_id, generator=generator, **self.sampling
+            )
         model.train(was_training)
         return tokenizer.decode(out[0].tolist())

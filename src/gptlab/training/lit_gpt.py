@@ -24,18 +24,18 @@ from gptlab.training.optim import (
     build_scheduler,
     dataclass_from_dict,
 )
-from gptlab.training.scale import (
-    check_optimizer_strategy,
-    check_switches,
-    is_logging_step,
-    speed_up_model,
-)
 from gptlab.training.resume import (
     RNG_KEY,
     check_same_model,
     gather_rng_states,
     restore_rng_state,
     rng_state_of_rank,
+)
+from gptlab.training.scale import (
+    check_optimizer_strategy,
+    check_switches,
+    is_logging_step,
+    speed_up_model,
 )
 
 TOKENIZER_KEY = "gptlab_tokenizer_json"

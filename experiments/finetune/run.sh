@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The finetuning study of experiments/finetune/README.md. From the repository root, after
+# pretraining the checkpoint that init_from=last finds:
+#   gptlab-prepare && gptlab-train trainer.max_steps=400 trainer.val_check_interval=100 \
+#       scheduler.warmup_steps=40
+set -euo pipefail
+run() { nice -n 10 gptlab-train trainer.enable_progress_bar=false "$@"; }
+
+run experiment=classify init_from=last
+run experiment=classify init_from=last finetune.method=lora optimizer.lr=3e-3
+run experiment=classify init_from=null
+run experiment=sft init_from=last
+run experiment=sft init_from=last finetune.method=lora optimizer.lr=3e-3
+run experiment=classify init_from=last finetune.freeze_blocks=3
+python experiments/finetune/collect.py logs/classify logs/sft

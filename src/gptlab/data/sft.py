@@ -1,0 +1,177 @@
+"""Instruction finetuning (SFT) data: prompts and responses, with the loss on the responses only.
+
+Records come from JSON Lines files, one of two formats per line:
+
+- Alpaca: ``{"instruction": ..., "input": ... (optional, may be empty), "output": ...}``
+- chat:   ``{"messages": [{"role": "system" | "user" | "assistant", "content": ...}, ...]}``
+
+or, with ``source="builtin"``, from the download-free corpus: "Write the docstring of
+`json.dumps`." answered by the first paragraph of that docstring, for every documented object of
+the standard library.
+
+The prompt template (`PromptTemplate`, config ``data.template``) turns a record into text
+segments, each a prompt part or a response. Each segment is tokenized on its own and the ids are
+concatenated, so the prompt/response boundary is exact and a prompt encodes exactly as it will
+when the finetuned model is prompted with it. Every response is followed by the end-of-text
+token, which is trained too: the model learns to stop.
+
+Targets of prompt tokens and of padding are IGNORE_INDEX, so only response tokens add loss.
+Batches are right-padded. A causal decoder's position attends only to itself and earlier
+positions, so padding after an example's last token cannot change anything at its real
+positions, and no attention mask is needed. Examples are not packed several to a row: that
+would need a block-diagonal attention mask and per-example positions, which `GPT.forward` does
+not take; padding wastes some compute instead.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+from tokenizers import Tokenizer
+
+from gptlab.data.errors import DataError
+from gptlab.data.finetune import IGNORE_INDEX, ExampleDataModule, distinct_docstrings, pad
+from gptlab.data.sources import iter_jsonl_values, json_field
+
+ROLES = ("system", "user", "assistant")
+
+# (text, is_response): a rendered record is a list of these.
+Segment = tuple[str, bool]
+
+
+@dataclass
+class PromptTemplate:
+    """How records become text; the placeholders in braces are the only ones allowed."""
+
+    instruction: str = "### Instruction:\n{instruction}\n\n### Response:\n"
+    instruction_with_input: str = (
+        "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+    )
+    system: str = "### System:\n{content}\n\n"
+    user: str = "### User:\n{content}\n\n### Assistant:\n"
+    assistant: str = "{content}"
+
+    def __post_init__(self) -> None:
+        allowed = {
+            "instruction": {"instruction"},
+            "instruction_with_input": {"instruction", "input"},
+        }
+        for name, text in asdict(self).items():
+            permitted = allowed.get(name, {"content"})
+            used = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
+            if used - permitted:
+                raise ValueError(
+                    f"data.template.{name} uses {sorted(used - permitted)}; it may use only "
+                    f"{', '.join('{' + p + '}' for p in sorted(permitted))}"
+                )
+
+
+def render(record: object, template: PromptTemplate, where: str) -> list[Segment]:
+    """An Alpaca or chat record as segments; a DataError names `where` when it is neither."""
+    if isinstance(record, dict) and "messages" in record:
+        return _render_chat(json_field(record, "messages", list, where), template, where)
+    instruction = json_field(record, "instruction", str, where)
+    output = json_field(record, "output", str, where)
+    extra = json_field(record, "input", str, where) if record.get("input") is not None else ""
+    if extra:
+        prompt = template.instruction_with_input.format(instruction=instruction, input=extra)
+    else:
+        prompt = template.instruction.format(instruction=instruction)
+    return [(prompt, False), (output, True)]
+
+
+def _render_chat(messages: list, template: PromptTemplate, where: str) -> list[Segment]:
+    segments = []
+    for i, message in enumerate(messages):
+        here = f"{where}, message {i}"
+        role = json_field(message, "role", str, here)
+        if role not in ROLES:
+            raise DataError(f"{here}: role {role!r} is not one of {', '.join(ROLES)}")
+        content = json_field(message, "content", str, here)
+        segments.append((getattr(template, role).format(content=content), role == "assistant"))
+    if not any(is_response for _, is_response in segments):
+        raise DataError(f"{where}: no assistant message, so nothing to learn from")
+    return segments
+
+
+def encode(
+    segments: list[Segment], tokenizer: Tokenizer, eot: int, max_length: int
+) -> tuple[list[int], list[int]] | None:
+    """(inputs, targets) of at most `max_length` tokens: targets are the inputs shifted by one,
+    IGNORE_INDEX except where they are response tokens. None when truncation to `max_length`
+    leaves no response token to learn from."""
+    ids, is_response = [eot], [False]  # every pretraining document follows an end-of-text
+    for text, response in segments:
+        piece = tokenizer.encode(text).ids + ([eot] if response else [])
+        ids += piece
+        is_response += [response] * len(piece)
+    ids, is_response = ids[: max_length + 1], is_response[: max_length + 1]
+    targets = [t if r else IGNORE_INDEX for t, r in zip(ids[1:], is_response[1:], strict=True)]
+    if all(t == IGNORE_INDEX for t in targets):
+        return None
+    return ids[:-1], targets
+
+
+def collate(items: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:
+    inputs, targets = zip(*items, strict=True)
+    return pad(inputs, pad_id), pad(targets, IGNORE_INDEX)
+
+
+def docstring_instructions() -> list[dict[str, str]]:
+    """Alpaca-style records from the built-in corpus: name an object, get its docstring's first
+    paragraph (its summary)."""
+    return [
+        {"instruction": f"Write the docstring of `{name}`.", "output": text.split("\n\n")[0]}
+        for _, name, text in distinct_docstrings()
+    ]
+
+
+class SFTDataModule(ExampleDataModule):
+    """Prompt/response batches (inputs, targets) for LitSFT; see the module docstring."""
+
+    def __init__(
+        self,
+        source: str = "builtin",
+        paths: list[str] | None = None,
+        template: Mapping[str, str] | None = None,
+        max_length: int = 128,
+        batch_size: int = 16,
+        val_fraction: float = 0.05,
+        seed: int = 1337,
+        num_workers: int = 0,
+        tokenizer_path: str | None = None,
+    ) -> None:
+        super().__init__(
+            source, paths, max_length, batch_size, val_fraction, seed, num_workers, tokenizer_path
+        )
+        self.template = PromptTemplate(**dict(template or {}))
+
+    def load_examples(self) -> list[list[Segment]]:
+        if self.source == "builtin":
+            return [
+                render(record, self.template, f"built-in instruction {i}")
+                for i, record in enumerate(docstring_instructions())
+            ]
+        return [
+            render(record, self.template, f"{path}, line {line}")
+            for path, line, record in iter_jsonl_values(self.paths)
+        ]
+
+    def encode(self, example: list[Segment]) -> tuple[list[int], list[int]] | None:
+        return encode(example, self.tokenizer, self.eot_id, self.max_length)
+
+    def collate_fn(self) -> Callable:
+        return partial(collate, pad_id=self.eot_id)
+
+    def sample_prompts(self, count: int) -> list[tuple[str, str]]:
+        """(prompt, reference response) of the first `count` held-out examples: the prompt is
+        everything before the last response."""
+        pairs = []
+        for segments in self.splits[1][:count]:
+            last = max(i for i, (_, is_response) in enumerate(segments) if is_response)
+            pairs.append(("".join(text for text, _ in segments[:last]), segments[last][0]))
+        return pairs

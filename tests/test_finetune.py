@@ -1,0 +1,416 @@
+"""Finetuning: init_from, SFT data (templates, loss masks, padding), classification, LoRA runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptlab.cli.train import build_model, train
+from gptlab.data.classify import PAD_ID, package_examples
+from gptlab.data.errors import DataError
+from gptlab.data.finetune import IGNORE_INDEX, split_examples
+from gptlab.data.prepare import prepare_dataset
+from gptlab.data.sft import PromptTemplate, SFTDataModule, collate, encode, render
+from gptlab.data.sources import builtin_corpus, builtin_docstring_records
+from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.training.checkpoint import load_checkpoint, load_model
+from gptlab.training.finetune import LitClassifier, LitSFT
+from gptlab.training.lit_gpt import next_token_loss
+from tests.conftest import TINY_MODEL, compose_config, small_english_documents
+
+FT_MODEL = [*TINY_MODEL, "model.block_size=64"]
+QUIET = ["trainer.enable_progress_bar=false", "callbacks.throughput=null"]
+TINY_GPT = {"vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def words(count: int) -> list[str]:
+    text = " ".join(small_english_documents(40))
+    return sorted(set(re.findall(r"\b[a-z]{4,8}\b", text)))[:count]
+
+
+def instruction_records() -> list[dict]:
+    """A yes/no question about a word, in both formats (Alpaca-style and chat)."""
+    answer = {True: "yes", False: "no"}
+    alpaca = [
+        {"instruction": "Is this a long word?", "input": w, "output": answer[len(w) > 5]}
+        for w in words(160)[::2]
+    ]
+    chat = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Is {w} a long word?"},
+                {"role": "assistant", "content": answer[len(w) > 5]},
+            ]
+        }
+        for w in words(160)[1::2]
+    ]
+    return alpaca + chat
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_data_dir):
+    return load_tokenizer(tiny_data_dir / "tokenizer.json")
+
+
+@pytest.fixture(scope="module")
+def pretrained_ckpt(tiny_data_dir, tmp_path_factory) -> Path:
+    """A tiny LM pretrained for a few steps by gptlab-train, as users make them."""
+    out = tmp_path_factory.mktemp("pretrain")
+    overrides = [
+        *FT_MODEL,
+        *QUIET,
+        f"data.dir={tiny_data_dir}",
+        "data.loader.batch_size=16",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=40",
+        "scheduler.warmup_steps=4",
+        "callbacks.samples=null",
+    ]
+    train(compose_config("train", overrides, out))
+    return out / "checkpoints" / "last.ckpt"
+
+
+def finetune_config(tmp_path: Path, tiny_data_dir: Path, experiment: str, *extra: str):
+    overrides = [*FT_MODEL, *QUIET, f"experiment={experiment}", f"data.dir={tiny_data_dir}"]
+    return compose_config("train", [*overrides, *extra], tmp_path)
+
+
+# ----------------------------------------------------------------------------- SFT data
+
+
+def test_only_response_tokens_and_their_end_of_text_are_targets(tokenizer):
+    eot = eot_id(tokenizer)
+    segments = [
+        ("### System:\nBe brief.\n\n", False),
+        ("### User:\nHi\n\n### Assistant:\n", False),
+        ("Hello.", True),
+        ("### User:\nBye\n\n### Assistant:\n", False),
+        ("Goodbye.", True),
+    ]
+    inputs, targets = encode(segments, tokenizer, eot, max_length=200)
+
+    expected_ids, expected_targets = [eot], []
+    for text, is_response in segments:
+        piece = tokenizer.encode(text).ids + ([eot] if is_response else [])
+        expected_ids += piece
+        expected_targets += piece if is_response else [IGNORE_INDEX] * len(piece)
+    assert inputs == expected_ids[:-1]  # starts with end-of-text, as pretraining documents do
+    assert targets == expected_targets
+    assert targets.count(eot) == 2  # the model learns to stop after each response
+
+    # Cut so that only the first response survives; cut earlier, nothing is left to learn.
+    first_end = expected_targets.index(eot) + 1
+    assert encode(segments, tokenizer, eot, first_end)[1] == expected_targets[:first_end]
+    first_response = expected_targets.index(next(t for t in expected_targets if t >= 0))
+    assert encode(segments, tokenizer, eot, max_length=first_response) is None
+
+
+def test_records_render_through_the_template_and_bad_records_are_named(tmp_path):
+    template = PromptTemplate(instruction="Q: {instruction}\nA: ")
+    assert render({"instruction": "Add.", "output": "4"}, template, "x") == [
+        ("Q: Add.\nA: ", False),
+        ("4", True),
+    ]
+    with_input = render({"instruction": "Add.", "input": "2 2", "output": "4"}, template, "x")
+    assert with_input[0][0] == "### Instruction:\nAdd.\n\n### Input:\n2 2\n\n### Response:\n"
+
+    path = tmp_path / "data.jsonl"
+    bad_lines = [
+        ({"instruction": "Add."}, r"data\.jsonl, line 2: expected a JSON object with key 'output'"),
+        ({"messages": [{"role": "bot", "content": "x"}]}, r"line 2, message 0: role 'bot'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "line 2: no assistant message"),
+        ({"messages": "hi"}, "line 2: key 'messages' holds str, expected a list"),
+    ]
+    for record, message in bad_lines:
+        write_jsonl(path, [{"instruction": "Add.", "output": "4"}, record])
+        datamodule = SFTDataModule(source="jsonl", paths=[str(path)])
+        with pytest.raises(DataError, match=message):
+            datamodule.load_examples()
+
+    with pytest.raises(ValueError, match=r"data\.template\.user uses \['name'\].*\{content\}"):
+        PromptTemplate(user="{name}: {content}")
+    with pytest.raises(ValueError, match="source 'jsonl' needs files"):
+        SFTDataModule(source="jsonl")
+
+
+def test_right_padding_changes_nothing_at_real_positions(tokenizer):
+    """A causal decoder never looks ahead, so padding after an example cannot reach it."""
+    eot = eot_id(tokenizer)
+    examples = [
+        [("Say hi.\n", False), ("hi", True)],
+        [("Tell me a long story.\n", False), ("Once upon a time.", True)],
+    ]
+    items = [encode(segments, tokenizer, eot, 64) for segments in examples]
+    x, y = collate(items, pad_id=eot)
+    short = len(items[0][0])
+    assert short < x.size(1) and (y[0, short:] == IGNORE_INDEX).all()
+
+    lit = LitSFT(TINY_GPT).eval()
+    with torch.no_grad():
+        padded = lit.model(x)
+        alone = lit.model(x[:1, :short])
+        loss = next_token_loss(padded, y)
+        per_example = [next_token_loss(lit.model(x[i : i + 1]), y[i : i + 1]) for i in (0, 1)]
+    torch.testing.assert_close(padded[0, :short], alone[0], atol=1e-5, rtol=0)
+    # The batch loss is the mean over the response tokens of both examples, padding ignored.
+    counts = [(y[i] != IGNORE_INDEX).sum() for i in (0, 1)]
+    expected = sum(loss_i * n for loss_i, n in zip(per_example, counts, strict=True)) / sum(counts)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_split_is_seeded_and_holds_out_at_least_one_example():
+    train_a, val_a = split_examples(list(range(50)), 0.1, seed=3)
+    train_b, val_b = split_examples(list(range(50)), 0.1, seed=3)
+    assert (train_a, val_a) == (train_b, val_b) and len(val_a) == 5
+    assert sorted(train_a + val_a) == list(range(50))
+    assert len(split_examples([1, 2, 3], 0.01, seed=0)[1]) == 1
+    with pytest.raises(DataError, match="cannot be split"):
+        split_examples([1], 0.5, seed=0)
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def test_init_from_loads_the_weights_and_names_every_differing_field(
+    pretrained_ckpt, tiny_data_dir, tmp_path
+):
+    def build(*extra: str):
+        cfg = compose_config(
+            "train",
+            [*FT_MODEL, f"data.dir={tiny_data_dir}", f"init_from={pretrained_ckpt}", *extra],
+            tmp_path,
+        )
+        return build_model(cfg, instantiate(cfg.data.loader))
+
+    lit = build("model.dropout=0.1")  # dropout only regularises: it may differ
+    expected = load_checkpoint(pretrained_ckpt)["state_dict"]
+    for name, tensor in lit.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0)
+
+    with pytest.raises(ValueError) as error:
+        build("model.n_layer=3", "model.position=rope")
+    assert "model.n_layer: 3 here, 2 in the checkpoint" in str(error.value)
+    assert "model.position: 'rope' here, 'learned' in the checkpoint" in str(error.value)
+    assert "model.n_layer=2 model.position=learned" in str(error.value)
+
+    other = tmp_path / "other"
+    prepare_dataset(small_english_documents(40), other, vocab_size=400, progress=False)
+    with pytest.raises(ValueError, match="tokenizer differs"):
+        build(f"data.dir={other}", "model.vocab_size=512")
+
+
+# ----------------------------------------------------------------------------- SFT runs
+
+
+def response_loss(model: torch.nn.Module, datamodule: SFTDataModule) -> float:
+    """Mean loss over the response tokens of the held-out examples."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in datamodule.val_dataloader():
+            n = int((y != IGNORE_INDEX).sum())
+            total += float(next_token_loss(model(x), y)) * n
+            count += n
+    return total / count
+
+
+def sft_config(tmp_path: Path, tiny_data_dir: Path, pretrained_ckpt: Path, *extra: str):
+    data = write_jsonl(tmp_path / "instructions.jsonl", instruction_records())
+    return finetune_config(
+        tmp_path,
+        tiny_data_dir,
+        "sft",
+        f"init_from={pretrained_ckpt}",
+        "data.source=jsonl",
+        f"data.paths=[{data}]",
+        "data.loader.val_fraction=0.2",
+        "data.loader.tokenizer_path=/nonexistent/tokenizer.json",  # the checkpoint brings one
+        "scheduler.warmup_steps=5",
+        *extra,
+    )
+
+
+def test_sft_learns_the_responses_with_the_checkpoints_tokenizer(
+    pretrained_ckpt, tiny_data_dir, tmp_path
+):
+    cfg = sft_config(
+        tmp_path,
+        tiny_data_dir,
+        pretrained_ckpt,
+        "optimizer.lr=3e-3",
+        "trainer.max_steps=60",
+        "trainer.val_check_interval=30",
+        "callbacks.responses.every_n_steps=30",
+        "callbacks.responses.max_new_tokens=6",
+    )
+    base, tokenizer = load_model(pretrained_ckpt)
+    datamodule = SFTDataModule(
+        source="jsonl", paths=list(cfg.data.paths), max_length=64, val_fraction=0.2, seed=cfg.seed
+    )
+    datamodule.use_tokenizer(tokenizer.to_str())
+    before = response_loss(base, datamodule)
+
+    results = train(cfg)
+    assert results["val_loss"] < 0.5 * before, (before, results["val_loss"])
+    # The exported model scores the held-out responses as the run's val/loss said.
+    finetuned, _ = load_model(tmp_path / "checkpoints" / "last.ckpt")
+    assert response_loss(finetuned, datamodule) == pytest.approx(results["val_loss"], rel=1e-4)
+    assert len(results["samples"]) == 3 and results["samples"][0].startswith("### Instruction:")
+    tags = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()["tensors"]
+    assert {"samples/reference_0/text_summary", "samples/0/text_summary"} <= set(tags)
+
+
+def test_lora_sft_trains_adapters_only_and_exports_them_merged(
+    pretrained_ckpt, tiny_data_dir, tmp_path, capsys
+):
+    cfg = sft_config(
+        tmp_path,
+        tiny_data_dir,
+        pretrained_ckpt,
+        "finetune.method=lora",
+        "finetune.lora.targets=[*.attn.*,*.mlp.*]",
+        "optimizer.lr=1e-2",
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=8",
+        "callbacks.responses=null",
+    )
+    train(cfg)
+    printed = capsys.readouterr().out
+    assert re.search(
+        r"finetuning \(sft, lora, rank 8, 0 frozen blocks\): [\d,]+ parameters trained \(\d",
+        printed,
+    )
+
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    finetuned = load_checkpoint(checkpoint)["state_dict"]
+    for name, tensor in load_checkpoint(pretrained_ckpt)["state_dict"].items():
+        assert torch.equal(finetuned[name], tensor), name  # the base weights did not move
+    assert finetuned["model.blocks.0.mlp.c_fc.lora_B"].abs().sum() > 0
+
+    merged, _ = load_model(checkpoint)  # adapters merged in: a plain GPT
+    lit = LitSFT.load_from_checkpoint(checkpoint).eval()
+    base, _ = load_model(pretrained_ckpt)
+    x = torch.randint(0, 512, (2, 20))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), lit.model(x), atol=1e-5, rtol=0)
+        assert (merged(x) - base(x)).abs().max() > 1e-3
+
+
+# ----------------------------------------------------------------------------- classification
+
+
+def test_classifier_reads_each_examples_last_real_token():
+    lit = LitClassifier(TINY_GPT, labels=["a", "b", "c"]).eval()
+    long = torch.randint(0, 512, (1, 12))
+    short = torch.randint(0, 512, (1, 7))
+    batch = torch.cat([long, torch.cat([short, torch.full((1, 5), PAD_ID)], dim=1)])
+    with torch.no_grad():
+        together = lit(batch)
+        torch.testing.assert_close(together[1], lit(short)[0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(together[0], lit(long)[0], atol=1e-5, rtol=0)
+    assert together.shape == (2, 3)
+
+
+def test_freeze_blocks_and_lora_choose_what_trains():
+    def trainable(finetune: dict) -> set[str]:
+        lit = LitClassifier(TINY_GPT, finetune={"task": "classify", **finetune}, labels=["a", "b"])
+        return {name for name, p in lit.named_parameters() if p.requires_grad}
+
+    with_one_frozen = trainable({"freeze_blocks": 1})
+    assert not any(
+        n.startswith(("model.wte", "model.position", "model.blocks.0.")) for n in with_one_frozen
+    )
+    assert {
+        "model.blocks.1.attn.c_attn.weight",
+        "model.norm_f.weight",
+        "model.lm_head.weight",
+    } <= with_one_frozen
+
+    lora = trainable({"method": "lora", "lora": {"targets": ["*.attn.c_proj"]}})
+    assert lora == {"model.lm_head.weight", "model.lm_head.bias"} | {
+        f"model.blocks.{i}.attn.c_proj.lora_{m}" for i in (0, 1) for m in "AB"
+    }
+    with pytest.raises(ValueError, match="freeze_blocks=3 exceeds the model's n_layer=2"):
+        trainable({"freeze_blocks": 3})
+
+
+def test_classification_learns_a_keyword_task(pretrained_ckpt, tiny_data_dir, tmp_path):
+    """Which colour word hides among other words: easy, but only when reading the text."""
+    filler = words(300)
+    colours = ["red", "green", "blue"]
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for i in range(240):
+        label = colours[i % 4 % 3]  # uneven classes: red is the majority
+        picks = [filler[int(j)] for j in torch.randint(0, len(filler), (8,), generator=generator)]
+        picks.insert(int(torch.randint(0, 9, (1,), generator=generator)), label)
+        records.append({"sentence": " ".join(picks), "colour": label})
+    data = write_jsonl(tmp_path / "colours.jsonl", records)
+    cfg = finetune_config(
+        tmp_path,
+        tiny_data_dir,
+        "classify",
+        f"init_from={pretrained_ckpt}",
+        "data.source=jsonl",
+        f"data.paths=[{data}]",
+        "data.text_field=sentence",
+        "data.label_field=colour",
+        "data.num_classes=null",
+        "data.loader.batch_size=16",
+        "optimizer.lr=1e-2",
+        "scheduler.warmup_steps=5",
+        "trainer.max_steps=120",
+        "trainer.val_check_interval=60",
+    )
+    results = train(cfg)
+    assert results["val_majority_acc"] < 0.6
+    assert results["val_acc"] > results["val_majority_acc"] + 0.3
+
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert LitClassifier.load_from_checkpoint(checkpoint).labels == ["blue", "green", "red"]
+    with pytest.raises(ValueError, match="is a classifier"):
+        load_model(checkpoint)
+
+
+# ----------------------------------------------------------------------------- built-in tasks
+
+
+@pytest.mark.parametrize(
+    ("experiment", "extra"), [("sft", ["model.block_size=128"]), ("classify", [])]
+)
+def test_experiments_run_from_scratch_with_a_warning(
+    tiny_data_dir, tmp_path, caplog, experiment, extra
+):
+    """Without init_from the built-in tasks still run (e.g. for a config sweep), with a
+    warning; the tokenizer then comes from the prepared dataset in data.dir."""
+    cfg = finetune_config(tmp_path, tiny_data_dir, experiment, "debug=fast_dev_run", *extra)
+    with caplog.at_level(logging.WARNING):
+        results = train(cfg)
+    assert results["step"] == 1 and results["val_loss"] == pytest.approx(results["val_loss"])
+    assert "init_from is null" in caplog.text
+
+
+def test_docstring_records_explain_the_corpus_and_the_package_task_is_balanced_enough():
+    records = builtin_docstring_records()
+    corpus = builtin_corpus()
+    texts = [text for _, _, text in records]
+    assert list(dict.fromkeys(texts)) == corpus[: len(set(texts))]  # the corpus, topics aside
+    assert all(name == module or name.startswith(module + ".") for module, name, _ in records)
+
+    examples = package_examples(num_classes=5)
+    counts = Counter(label for _, label in examples)
+    assert len(counts) == 5
+    assert len({text for text, _ in examples}) == len(examples)  # one package per text
+    assert max(counts.values()) / len(examples) < 0.3  # a majority-class guess is weak
