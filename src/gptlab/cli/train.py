@@ -20,18 +20,15 @@ from gptlab.data.fileio import ensure_writable_dir
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingRun
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
-<<<<<<< HEAD
-from gptlab.training.checkpoint import resolve_checkpoint, write_run_record
-=======
 from gptlab.training.checkpoint import (
     check_architecture,
     check_same_tokenizer,
     load_pretrained_weights,
     read_pretrained,
     resolve_checkpoint,
+    write_run_record,
 )
 from gptlab.training.finetune import build_finetune_module
->>>>>>> issue-8
 from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
@@ -57,11 +54,10 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
         model["vocab_size"] = datamodule.vocab_size
     config = GPTConfig.from_dict(dict(model))  # validate before anything heavy happens
     datamodule.check_vocab(model["vocab_size"])
-<<<<<<< HEAD
     lit = LitGPT(
         model=model,
-        optimizer=plain(cfg.optimizer),
-        scheduler=plain(cfg.scheduler),
+        optimizer=optimizer,
+        scheduler=scheduler,
         compile=cfg.compile,
         activation_checkpointing=cfg.activation_checkpointing,
     )
@@ -71,9 +67,6 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
             f"data.loader.block_size={datamodule.block_size} exceeds model.block_size={limit}, "
             f"the length of the {lit.config.position!r} position table; make them equal"
         )
-=======
-    lit = LitGPT(model=model, optimizer=optimizer, scheduler=scheduler)
->>>>>>> issue-8
     lit.tokenizer_json = datamodule.tokenizer_path.read_text(encoding="utf-8")
     if pretrained is not None:
         check_architecture(config, pretrained)

@@ -136,9 +136,8 @@ def json_field(record: Any, key: str, kind: type, where: str) -> Any:
     """`record[key]` of a JSON object, which must hold a `kind`; else a DataError naming `where`
     (a file and line, say) and what was expected."""
     if not isinstance(record, Mapping):
-        raise DataError(
-            f"{where}: expected a JSON object with key {key!r}, got {_json_kind(record)}"
-        )
+        got = _KIND_NAMES.get(type(record), type(record).__name__)
+        raise DataError(f"{where}: expected a JSON object with key {key!r}, got {got}")
     if key not in record:
         raise DataError(
             f"{where}: expected a JSON object with key {key!r}; the record has {sorted(record)}"
@@ -148,10 +147,6 @@ def json_field(record: Any, key: str, kind: type, where: str) -> Any:
         expected = _KIND_NAMES.get(kind, kind.__name__)
         raise DataError(f"{where}: key {key!r} holds {type(value).__name__}, expected {expected}")
     return value
-
-
-def _json_kind(value: Any) -> str:
-    return _KIND_NAMES.get(type(value), type(value).__name__)
 
 
 def iter_parquet(patterns: list[str] | str, text_field: str = "text") -> Iterator[tuple[str, str]]:
