@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.train import train
 from gptlab.model import GPTConfig
+from gptlab.scaling.plan import ScalingConfig, model_shape
 from tests.conftest import TINY_MODEL, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
@@ -22,12 +23,17 @@ def test_the_ablations_are_there():
     assert {"attention_ablation", "position_ablation"} <= set(EXPERIMENTS)
 
 
+# The built-in SFT examples (prompt + docstring paragraph) do not fit TINY_MODEL's 32 tokens.
+EXTRA_OVERRIDES = {"sft": ["model.block_size=128"]}
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_experiment_runs_one_step(experiment, tiny_data_dir, tmp_path):
     overrides = [
         f"experiment={experiment}",
         f"data.dir={tiny_data_dir}",
         *TINY_MODEL,
+        *EXTRA_OVERRIDES.get(experiment, []),
         "debug=fast_dev_run",
     ]
     results = train(compose_config("train", overrides, tmp_path))
@@ -42,5 +48,9 @@ def test_every_swept_value_composes_to_a_valid_model(experiment):
         sweep = compose("train", [base], return_hydra_config=True).hydra.sweeper.params or {}
         for key, values in sweep.items():  # sweep is null for a single-run experiment
             for value in str(values).split(","):
-                model = OmegaConf.to_container(compose("train", [base, f"{key}={value}"]).model)
+                cfg = compose("train", [base, f"{key}={value}"])
+                model = OmegaConf.to_container(cfg.model)
+                if cfg.get("scaling") is not None:  # depth and heads follow from the width
+                    scaling = ScalingConfig(**OmegaConf.to_container(cfg.scaling))
+                    model["n_layer"], model["n_head"] = model_shape(model["n_embd"], scaling)
                 GPTConfig.from_dict({**model, "vocab_size": model["vocab_size"] or 4096})

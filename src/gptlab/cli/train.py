@@ -75,6 +75,13 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
     return lit
 
 
+def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
+    """The pretraining stream (GPTDataModule), or a finetuning run's examples."""
+    if cfg.get("finetune") is not None:
+        return instantiate(cfg.data.loader)
+    return instantiate(cfg.data.loader, allow_data_change=cfg.resume.allow_data_change)
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a callbacks/logger group; an entry set to null is switched off."""
     if group is None:
@@ -97,9 +104,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
     L.seed_everything(cfg.seed, workers=True)
     ensure_writable_dir(cfg.paths.output_dir)
-    datamodule: GPTDataModule = instantiate(
-        cfg.data.loader, allow_data_change=cfg.resume.allow_data_change
-    )
+    datamodule = build_datamodule(cfg)
     scaling_run = ScalingRun.start(cfg, datamodule)  # only for configs with a `scaling` section
     if scaling_run is not None and scaling_run.earlier_result is not None:
         return scaling_run.earlier_result  # finished before, or too big for its FLOP budget

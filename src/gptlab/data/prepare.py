@@ -83,6 +83,8 @@ def prepare_dataset(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = ensure_writable_dir(out_dir)
     train_docs, val_docs = split_documents(documents, val_fraction)
+    # Loaded (and so checked) before its hash joins the settings below.
+    given_tokenizer = _load_given_tokenizer(tokenizer_path, vocab_size) if tokenizer_path else None
     settings = {
         "vocab_size": vocab_size,
         "tokenizer": file_sha256(tokenizer_path) if tokenizer_path else tokenizer_kind,
@@ -96,11 +98,11 @@ def prepare_dataset(
         tokenizer = load_tokenizer(out / TOKENIZER_NAME)
         (out / MANIFEST_NAME).unlink(missing_ok=True)
     else:
-        if tokenizer_path is None:
+        if given_tokenizer is None:
             log.info("training a %s tokenizer on %d documents", tokenizer_kind, len(train_docs))
             tokenizer = train_tokenizer(train_docs, vocab_size, tokenizer_kind, min_frequency)
         else:
-            tokenizer = _load_given_tokenizer(tokenizer_path, vocab_size)
+            tokenizer = given_tokenizer
         # From here on the directory is rewritten: until the new manifest lands, it must not
         # look like a finished dataset.
         (out / MANIFEST_NAME).unlink(missing_ok=True)
