@@ -372,3 +372,13 @@ def test_sampling_rejects_bad_arguments():
     for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
             model.generate(tokens(2), 2, **kwargs)
+
+
+def test_architecture_differences_ignore_how_a_model_runs_or_was_initialised():
+    base = GPTConfig()
+    run_only = GPTConfig(dropout=0.1, attention="eager", init="small_init", init_std=0.01)
+    assert base.architecture_differences(run_only) == []
+    assert base.architecture_differences(GPTConfig(n_layer=2, mlp="swiglu")) == [
+        ("n_layer", 4, 2),
+        ("mlp", "gelu", "swiglu"),
+    ]

@@ -25,7 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -143,6 +143,22 @@ class GPTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    # Fields that change how the model runs or is initialised, not what its weights mean: a
+    # checkpoint may be resumed or finetuned with other values of these.
+    RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"dropout", "attention", "init", "init_std"}
+    )
+
+    def architecture_differences(self, other: GPTConfig) -> list[tuple[str, Any, Any]]:
+        """(field, this value, other's value) for each field outside RUN_ONLY_FIELDS that differs:
+        empty when both configs build models whose weights mean the same."""
+        mine, theirs = self.to_dict(), other.to_dict()
+        return [
+            (key, mine[key], theirs[key])
+            for key in mine
+            if key not in self.RUN_ONLY_FIELDS and mine[key] != theirs[key]
+        ]
 
 
 # ----------------------------------------------------------------------------- init schemes

@@ -163,21 +163,15 @@ def load_model(
     return model, Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
 
 
-# GPTConfig fields that leave the weights' meaning unchanged, so a finetuning run may set them
-# differently from pretraining: regularisation, the attention kernel, and the initialisation
-# (which the loaded weights overwrite).
-RUN_ONLY_FIELDS = ("dropout", "attention", "init_std")
-
-
 def check_architecture(config: GPTConfig, pretrained: Pretrained) -> None:
     """Fail, listing every differing field, unless `config` builds the checkpoint's model."""
-    mine, theirs = config.to_dict(), pretrained.config.to_dict()
-    differing = [k for k in mine if k not in RUN_ONLY_FIELDS and mine[k] != theirs[k]]
+    differing = config.architecture_differences(pretrained.config)
     if differing:
         lines = "\n".join(
-            f"  model.{k}: {mine[k]!r} here, {theirs[k]!r} in the checkpoint" for k in differing
+            f"  model.{key}: {mine!r} here, {theirs!r} in the checkpoint"
+            for key, mine, theirs in differing
         )
-        overrides = " ".join(f"model.{k}={_override_value(theirs[k])}" for k in differing)
+        overrides = " ".join(f"model.{k}={_override_value(theirs)}" for k, _, theirs in differing)
         raise ValueError(
             f"the model config differs from the architecture of {pretrained.path}:\n{lines}\n"
             f"start from it with the same architecture: {overrides}"

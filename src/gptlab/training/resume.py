@@ -23,10 +23,6 @@ log = logging.getLogger(__name__)
 
 RNG_KEY = "gptlab_rng_states"
 
-# Model fields that may change on resume: they change how the model runs or was initialised,
-# not what its parameters mean.
-RESUMABLE_MODEL_CHANGES = frozenset({"dropout", "attention", "init_std"})
-
 
 def capture_rng_state() -> dict[str, Any]:
     """This process's RNG states as tensors and plain data."""
@@ -105,13 +101,12 @@ def check_same_model(saved: dict[str, Any] | None, config: GPTConfig, source: st
     if saved is None:
         raise ValueError(f"{source} is not a gptlab-train checkpoint (no model hyperparameters)")
     try:
-        saved_config = GPTConfig.from_dict(dict(saved)).to_dict()
+        saved_config = GPTConfig.from_dict(dict(saved))
     except ValueError as err:
         raise ValueError(f"{source}: cannot rebuild its model config: {err}") from None
     changes = [
-        f"{key} {saved_config[key]!r} -> {value!r}"
-        for key, value in config.to_dict().items()
-        if key not in RESUMABLE_MODEL_CHANGES and saved_config[key] != value
+        f"{key} {saved_value!r} -> {value!r}"
+        for key, value, saved_value in config.architecture_differences(saved_config)
     ]
     if changes:
         raise ValueError(
