@@ -32,7 +32,7 @@ def main(roots: list[str]) -> None:
         for overrides_file in sorted(Path(root).glob("**/.hydra/overrides.yaml")):
             run = overrides_file.parent.parent
             overrides = [
-                o for o in yaml.safe_load(overrides_file.read_text()) if "init_from" not in o
+                o for o in yaml.safe_load(overrides_file.read_text()) if "progress_bar" not in o
             ]
             values = last_values(run / "tensorboard")
             step = max((s for s, _ in values.values()), default=0)

@@ -11,5 +11,6 @@ run experiment=classify init_from=last finetune.method=lora optimizer.lr=3e-3
 run experiment=classify init_from=null
 run experiment=sft init_from=last
 run experiment=sft init_from=last finetune.method=lora optimizer.lr=3e-3
+run experiment=sft init_from=null
 run experiment=classify init_from=last finetune.freeze_blocks=3
 python experiments/finetune/collect.py logs/classify logs/sft
