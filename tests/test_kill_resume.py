@@ -21,8 +21,10 @@ import torch
 from tests.conftest import TINY_MODEL
 
 MAX_STEPS = 48
-CHECK_EVERY = 4  # validation, hence a checkpoint, every 4 steps
-KILL_AFTER = (10, 27)  # kill once the CSV log reaches these steps: mid-interval, work is lost
+CHECK_EVERY = 6  # validation, hence a checkpoint, every 6 steps
+# Kill once the CSV log reaches these steps: 2 steps after a checkpoint (so work is lost) and 3
+# steps before the next one, a margin for the poll below to notice the step on a loaded machine.
+KILL_AFTER = (8, 26)
 
 
 def train_args(data_dir: Path, log_dir: Path, run_dir: Path, *extra: str) -> list[str]:
