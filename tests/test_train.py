@@ -26,6 +26,20 @@ def test_fast_dev_run_through_hydra(tiny_data_dir, tmp_path):
     assert math.isfinite(results["val_loss"])
 
 
+def test_limit_debug_run_validates_twice_and_keeps_checkpoints(tiny_data_dir, tmp_path):
+    cfg = tiny_run(tiny_data_dir, tmp_path, "debug=limit", "callbacks.samples=null")
+    results = train(cfg)
+    assert results["step"] == 20
+    names = {p.name for p in (tmp_path / "checkpoints").glob("*.ckpt")}
+    assert "last.ckpt" in names and any(name.startswith("step000010") for name in names)
+
+
+def test_profiler_debug_run_writes_where_the_time_goes(tiny_data_dir, tmp_path):
+    cfg = tiny_run(tiny_data_dir, tmp_path, "debug=profiler", "callbacks.samples=null")
+    assert train(cfg)["step"] == 30
+    assert "run_training_batch" in (tmp_path / "fit-profile.txt").read_text()
+
+
 def test_short_run_learns_logs_and_reloads(tiny_data_dir, tmp_path):
     cfg = tiny_run(
         tiny_data_dir,
