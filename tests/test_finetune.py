@@ -21,6 +21,7 @@ from gptlab.data.prepare import prepare_dataset
 from gptlab.data.sft import PromptTemplate, SFTDataModule, collate, encode, render
 from gptlab.data.sources import builtin_corpus, builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.model import GPT, GPTConfig
 from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.finetune import LitClassifier, LitSFT
 from gptlab.training.lit_gpt import next_token_loss
@@ -28,6 +29,13 @@ from tests.conftest import TINY_MODEL, compose_config, small_english_documents
 
 FT_MODEL = [*TINY_MODEL, "model.block_size=64"]
 QUIET = ["trainer.enable_progress_bar=false", "callbacks.throughput=null"]
+# Two steps with a checkpoint at the end: enough to resume from.
+SHORT_CLASSIFY = [
+    "trainer.max_steps=2",
+    "trainer.val_check_interval=2",
+    "scheduler.warmup_steps=1",
+    "data.loader.batch_size=8",
+]
 TINY_GPT = {"vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 
@@ -421,3 +429,28 @@ def test_pretraining_speed_options_are_refused_for_finetuning(tiny_data_dir, tmp
     cfg = finetune_config(tmp_path, tiny_data_dir, "classify", "debug=fast_dev_run", option)
     with pytest.raises(ValueError, match="apply to pretraining"):
         train(cfg)
+
+
+def test_resume_with_other_finetune_settings_is_refused(tiny_data_dir, tmp_path):
+    """The settings decide which weights train, so the saved optimizer state would not fit."""
+    first = finetune_config(tmp_path / "a", tiny_data_dir, "classify", *SHORT_CLASSIFY)
+    train(first)
+    checkpoint = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    again = finetune_config(
+        tmp_path / "b",
+        tiny_data_dir,
+        "classify",
+        *SHORT_CLASSIFY,
+        "trainer.max_steps=4",
+        "finetune.freeze_blocks=1",
+        f"ckpt_path={checkpoint}",
+    )
+    with pytest.raises(ValueError, match=r"finetune=\{.*'freeze_blocks': 0.*this run has"):
+        train(again)
+
+
+def test_a_classifier_counts_the_flops_of_its_own_head():
+    lit = LitClassifier(TINY_GPT, labels=["a", "b", "c"])
+    lm = GPT(GPTConfig(**TINY_GPT))
+    head_difference = 3 * 2 * TINY_GPT["n_embd"] * (TINY_GPT["vocab_size"] - 3)
+    assert lm.flops_per_token() - lit.model.flops_per_token() == head_difference

@@ -614,8 +614,8 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())  # parameters() yields shared tensors once
         if non_embedding:
             n -= self.wte.weight.numel()
-            if not self.config.tie_weights:
-                n -= self.lm_head.weight.numel()
+            if self.lm_head.weight is not self.wte.weight:  # untied, or replaced (a classifier)
+                n -= sum(p.numel() for p in self.lm_head.parameters())
             if isinstance(self.position, LearnedPosition):
                 n -= self.position.wpe.weight.numel()
         return n
@@ -629,14 +629,15 @@ class GPT(nn.Module):
         N = num_params(non_embedding=True). The middle term is attention's QK^T and AV at full
         context (seq_len defaults to block_size; the causal and sliding-window savings are not
         subtracted, matching the usual convention). The last term is the LM head matmul: Kaplan
-        drops it, but in small models it is a large share of all compute, so it is counted here.
+        drops it, but in small models it is a large share of all compute, so it is counted here,
+        with the head's real width (a classifier's head has n_classes outputs, not vocab_size).
         """
         c = self.config
         T = c.block_size if seq_len is None else seq_len
         forward = (
             2 * self.num_params(non_embedding=True)
             + 2 * c.n_layer * T * c.n_embd
-            + 2 * c.n_embd * c.vocab_size
+            + 2 * c.n_embd * self.lm_head.out_features
         )
         return 3.0 * forward
 

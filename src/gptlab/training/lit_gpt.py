@@ -26,6 +26,7 @@ from gptlab.training.optim import (
 )
 from gptlab.training.resume import (
     RNG_KEY,
+    check_same_finetuning,
     check_same_model,
     gather_rng_states,
     restore_rng_state,
@@ -128,10 +129,11 @@ class LitGPT(L.LightningModule):
         # Runs before Lightning loads the weights, so a different model fails with a message.
         resuming = self._trainer is not None  # not LitGPT.load_from_checkpoint
         source = f"checkpoint {self._trainer.ckpt_path}" if resuming else "the checkpoint"
-        saved_model = checkpoint.get("hyper_parameters", {}).get("model")
-        check_same_model(saved_model, self.config, source)
+        saved = checkpoint.get("hyper_parameters", {})
+        check_same_model(saved.get("model"), self.config, source)
         self.tokenizer_json = checkpoint.get(TOKENIZER_KEY)
         if resuming:
+            check_same_finetuning(saved.get("finetune"), self.hparams.get("finetune"), source)
             self._rng_to_restore = rng_state_of_rank(checkpoint.get(RNG_KEY), self.global_rank)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -114,3 +114,13 @@ def check_same_model(saved: dict[str, Any] | None, config: GPTConfig, source: st
             "); a checkpoint resumes only the model it holds. Set these model.* values back, "
             "or start a new run without ckpt_path"
         )
+
+
+def check_same_finetuning(saved: Any, current: Any, source: str) -> None:
+    """Refuse to resume a finetuning run with other `finetune` settings: they decide which weights
+    train (full, LoRA, frozen blocks), so the optimizer state would not fit."""
+    if (saved or None) != (current or None):
+        raise ValueError(
+            f"{source} was made with finetune={saved}, but this run has finetune={current}; "
+            "resume with the same finetune.* settings, or start a new run without ckpt_path"
+        )
