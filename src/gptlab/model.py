@@ -11,6 +11,8 @@ Features (each chosen by name in `GPTConfig`; the names live in small registries
 - MLPs: "gelu" (GPT-2), "swiglu" (LLaMA), "relu2" (Primer).
 - init schemes: "gpt2" (N(0, init_std), residual projections scaled by depth) and "small_init"
   (GPT-NeoX's width-scaled scheme).
+- packed rows (`forward(idx, segments=...)`): several documents per row, each with its own
+  positions and attending only within itself (a block-diagonal causal mask).
 - KV-cached incremental decoding, and sampling with temperature / top-k / top-p.
 - `record_attention`: every layer's attention probabilities, for diagnostics.
 - parameter and training-FLOP accounting for MFU.
