@@ -11,6 +11,8 @@ Features (each chosen by name in `GPTConfig`; the names live in small registries
 - MLPs: "gelu" (GPT-2), "swiglu" (LLaMA), "relu2" (Primer).
 - init schemes: "gpt2" (N(0, init_std), residual projections scaled by depth) and "small_init"
   (GPT-NeoX's width-scaled scheme).
+- packed rows (`forward(idx, segments=...)`): several documents per row, each with its own
+  positions and attending only within itself (a block-diagonal causal mask).
 - KV-cached incremental decoding, and sampling with temperature / top-k / top-p.
 - `record_attention`: every layer's attention probabilities, for diagnostics.
 - parameter and training-FLOP accounting for MFU.
@@ -266,7 +268,8 @@ class Position(nn.Module):
     """Base position encoding: three hooks, each an identity unless a subclass overrides it.
 
     Blocks call every hook unconditionally, so they never need to know which encoding is in use.
-    `pos`, `q_pos`, `k_pos` are absolute token positions, LongTensors of shape (T,).
+    `pos`, `q_pos`, `k_pos` are token positions, LongTensors of shape (T,), or (B, T) when each
+    row has its own (packed sequences, whose positions restart at every document).
     """
 
     max_len: int | None = None  # longest sequence supported; None = can extrapolate
@@ -281,7 +284,7 @@ class Position(nn.Module):
         return q, k  # (B, nh, T, hs), (B, n_kv, T, hs)
 
     def attn_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
-        return None  # or an additive (nh, Tq, Tk) bias on the attention scores
+        return None  # or an additive (nh, Tq, Tk) or (B, nh, Tq, Tk) bias on the scores
 
 
 @register(POSITIONS, "none")
@@ -317,8 +320,8 @@ class SinusoidalPosition(Position):
 
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:
         i = torch.arange(0, self.dim, 2, device=pos.device, dtype=torch.float32)
-        angles = pos.float()[:, None] * 10000.0 ** (-i / self.dim)  # (T, ceil(C/2))
-        pe = torch.cat([angles.sin(), angles.cos()], dim=-1)[:, : self.dim]  # (T, C)
+        angles = pos.float()[..., None] * 10000.0 ** (-i / self.dim)  # ([B,] T, ceil(C/2))
+        pe = torch.cat([angles.sin(), angles.cos()], dim=-1)[..., : self.dim]  # ([B,] T, C)
         return x + (self.scale * pe).to(x.dtype)
 
 
@@ -334,8 +337,8 @@ class RotaryPosition(Position):
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         i = torch.arange(0, self.head_size, 2, device=pos.device, dtype=torch.float32)
-        angles = pos.float()[:, None] * self.theta ** (-i / self.head_size)  # (T, hs/2)
-        angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+        angles = pos.float()[..., None] * self.theta ** (-i / self.head_size)  # ([B,] T, hs/2)
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(-3)  # ([B,] 1, T, hs): all heads
         cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
 
         def rot(x: Tensor) -> Tensor:
@@ -364,30 +367,39 @@ class ALiBiPosition(Position):
 
     def attn_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         slopes = torch.tensor(self.slopes, device=q_pos.device)  # (nh,)
-        distance = (k_pos[None, :] - q_pos[:, None]).float()  # (Tq, Tk), <= 0 where visible
-        return slopes[:, None, None] * distance  # (nh, Tq, Tk)
+        distance = (k_pos[..., None, :] - q_pos[..., :, None]).float()  # ([B,] Tq, Tk), <= 0 seen
+        return slopes[:, None, None] * distance.unsqueeze(-3)  # ([B,] nh, Tq, Tk)
 
 
 # ----------------------------------------------------------------------------- attention
 
 
 def attention_mask(
-    q_pos: Tensor, k_pos: Tensor, window: int | None, bias: Tensor | None
+    q_pos: Tensor,
+    k_pos: Tensor,
+    window: int | None,
+    bias: Tensor | None,
+    segments: Tensor | None = None,
 ) -> Tensor | None:
     """Additive float mask, 0 where a query may look and -inf elsewhere, plus any position bias.
 
     The queries are the last Tq of the Tk key positions. Returns None in the one case
     `is_causal=True` describes exactly (Tq == Tk, no window, no bias), which lets sdpa pick its
     fastest kernels; with a KV cache prefix, is_causal would align queries to the first keys.
+    With `segments` (B, T), positions are (B, T) and restart in each segment; a query then sees
+    only keys of its own segment, which makes the mask block-diagonal, one (B, 1, T, T) per row.
     """
-    if len(q_pos) == len(k_pos) and window is None and bias is None:
+    if segments is None and q_pos.size(-1) == k_pos.size(-1) and window is None and bias is None:
         return None
-    distance = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
+    distance = q_pos[..., :, None] - k_pos[..., None, :]  # ([B,] Tq, Tk)
     visible = distance >= 0
     if window is not None:
         visible &= distance < window
+    if segments is not None:
+        # Across segments `distance` means nothing (positions restart), so this test comes last.
+        visible = (visible & (segments[:, :, None] == segments[:, None, :]))[:, None]
     mask = torch.zeros(visible.shape, device=q_pos.device).masked_fill(~visible, float("-inf"))
-    return mask if bias is None else mask + bias  # (Tq, Tk) or (nh, Tq, Tk)
+    return mask if bias is None else mask + bias  # ([B,] Tq, Tk) or ([B,] nh, Tq, Tk)
 
 
 @register(ATTENTION_BACKENDS, "sdpa")
@@ -575,14 +587,27 @@ class GPT(nn.Module):
         device come from the first forward that uses it."""
         return KVCache(self.config.n_layer, max_len or self.config.block_size)
 
-    def forward(self, idx: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+    def forward(
+        self, idx: Tensor, kv_cache: KVCache | None = None, segments: Tensor | None = None
+    ) -> Tensor:
         """idx: (B, T) token ids -> logits (B, T, vocab_size).
 
         With `kv_cache`, idx holds only the new tokens; their positions continue from
         `kv_cache.length`, and the cache is advanced by T.
+
+        `segments` (B, T), for packed rows: the id of the document each token belongs to, equal
+        along each document. Every document is then computed as if it were alone in its row:
+        positions restart at 0 where the id changes, and tokens attend only within their document.
         """
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must have shape (B, T) with T >= 1, got {tuple(idx.shape)}")
+        if segments is not None and kv_cache is not None:
+            raise ValueError("segments (packed rows, for training) cannot be used with a kv_cache")
+        if segments is not None and segments.shape != idx.shape:
+            raise ValueError(
+                f"segments must have the shape of idx {tuple(idx.shape)}, "
+                f"got {tuple(segments.shape)}"
+            )
         T = idx.size(1)
         start = kv_cache.length if kv_cache is not None else 0
         limit = self.position.max_len
@@ -593,11 +618,13 @@ class GPT(nn.Module):
             )
         if kv_cache is not None and start + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} tokens; {start + T} requested")
-        k_pos = torch.arange(start + T, device=idx.device)  # (Tk,) every key, cached ones first
-        pos = k_pos[start:]  # (T,) the queries
-        mask = attention_mask(
-            pos, k_pos, self.config.sliding_window, self.position.attn_bias(pos, k_pos)
-        )
+        if segments is None:
+            k_pos = torch.arange(start + T, device=idx.device)  # (Tk,) every key, cached first
+            pos = k_pos[start:]  # (T,) the queries
+        else:
+            pos = k_pos = segment_positions(segments)  # (B, T), restarting in each document
+        bias = self.position.attn_bias(pos, k_pos)
+        mask = attention_mask(pos, k_pos, self.config.sliding_window, bias, segments)
         x = self.drop(self.position.embed(self.wte(idx), pos))  # (B, T, C)
         for block in self.blocks:
             x = block(x, pos, mask, self.position, kv_cache)
@@ -705,6 +732,16 @@ class GPT(nn.Module):
             )
         )
         return torch.cat([idx, *(t[:, None] for t in new)], dim=1)
+
+
+def segment_positions(segments: Tensor) -> Tensor:
+    """Each token's offset from the start of its segment: [[7, 7, 7, 2, 2]] -> [[0, 1, 2, 0, 1]].
+    A segment starts wherever the id differs from the token before."""
+    t = torch.arange(segments.size(1), device=segments.device).expand_as(segments)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) where each segment starts
+    return t - first
 
 
 @contextmanager

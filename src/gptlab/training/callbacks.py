@@ -73,7 +73,7 @@ class ThroughputCallback(L.Callback):
             log.info("MFU peak: %.3g FLOP/s per device (%s)", self.peak, source)
 
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
-        x, _ = batch
+        x = batch[0]  # (inputs, targets), or (inputs, targets, segments) when packed
         self._tokens_per_batch = x.numel() * trainer.world_size
         if self._last is None:
             self._last = time.perf_counter()

@@ -87,7 +87,8 @@ def prepare_for_finetuning(
 
 class LitSFT(LitGPT):
     """LitGPT on prompt/response batches. Prompt and padding targets are IGNORE_INDEX, which the
-    cross-entropy skips, so the training loss is the mean over response tokens."""
+    cross-entropy skips, so the training loss is the mean over response tokens. Packed batches
+    (data.loader.packing) carry a third tensor, the segment ids, which the model is given."""
 
     def __init__(
         self,
@@ -100,10 +101,13 @@ class LitSFT(LitGPT):
         self.finetune_config = FinetuneConfig.from_dict(finetune or {})
         prepare_for_finetuning(self.model, self.finetune_config)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        x, y = batch
+    def batch_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y, *segments = batch  # (inputs, targets) padded, (inputs, targets, segments) packed
+        return next_token_loss(self.model(x, segments=segments[0] if segments else None), y)
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         # Weight by response tokens so val/loss is the exact mean over all of them.
-        self.val_loss.update(next_token_loss(self.model(x), y), weight=(y != IGNORE_INDEX).sum())
+        self.val_loss.update(self.batch_loss(batch), weight=(batch[1] != IGNORE_INDEX).sum())
 
 
 class LitClassifier(LitGPT):
