@@ -257,6 +257,13 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
     ]
 
     missing = tmp_path / "missing"
+    for tool in ("gptlab-eval", "gptlab-export"):
+        proc = run_cli(tool, f"ckpt_path={missing}.ckpt", cwd=tmp_path)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"{tool}: error: checkpoint {missing}.ckpt does not exist"
+        )
+
     proc = run_cli("gptlab-train", f"data.dir={missing}", cwd=tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (

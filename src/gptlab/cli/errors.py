@@ -35,5 +35,5 @@ def describe(err: BaseException) -> str:
     cause = err.__cause__
     if isinstance(err, InstantiationException) and isinstance(cause, USER_ERRORS):
         return describe(cause)
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return " ".join(lines) or type(err).__name__
+    lines = [line.rstrip() for line in str(err).splitlines() if line.strip()]
+    return "\n".join(lines) or type(err).__name__

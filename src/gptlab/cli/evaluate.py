@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 from tokenizers import Tokenizer
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.errors import report_user_errors
 from gptlab.data.errors import DataError
 from gptlab.data.prepare import load_manifest
 from gptlab.data.shards import read_shard
@@ -149,7 +150,8 @@ def print_results(results: dict[str, Any]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def main(cfg: DictConfig) -> None:
-    evaluate(cfg)
+    with report_user_errors("gptlab-eval"):
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

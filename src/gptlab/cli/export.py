@@ -9,6 +9,7 @@ import hydra
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.errors import report_user_errors
 from gptlab.hf_export import export_to_hf, hf_architecture
 from gptlab.training.checkpoint import load_model, resolve_checkpoint
 
@@ -40,7 +41,8 @@ def default_out_dir(checkpoint: Path) -> Path:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
-    export(cfg)
+    with report_user_errors("gptlab-export"):
+        export(cfg)
 
 
 if __name__ == "__main__":

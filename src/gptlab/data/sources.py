@@ -237,7 +237,7 @@ def _decode(data: bytes, path: Path, errors: str, offset: int = 0) -> str:
     except UnicodeDecodeError as e:
         raise DataError(
             f"{path}: invalid UTF-8 at byte offset {offset + e.start}; fix the file "
-            "or decode with errors='replace'"
+            "or set data.errors=replace"
         ) from None
 
 

@@ -23,6 +23,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.errors import report_user_errors
 from gptlab.data.fileio import atomic_write_text
 from gptlab.scaling.fit import (
     ChinchillaLaw,
@@ -497,7 +498,8 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="scaling")
 def main(cfg: DictConfig) -> None:
-    analyze(cfg)
+    with report_user_errors("gptlab-scaling"):
+        analyze(cfg)
 
 
 if __name__ == "__main__":
