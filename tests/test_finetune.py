@@ -424,7 +424,9 @@ def test_docstring_records_explain_the_corpus_and_the_package_task_is_balanced_e
     assert max(counts.values()) / len(examples) < 0.3  # a majority-class guess is weak
 
 
-@pytest.mark.parametrize("option", ["compile=true", "activation_checkpointing=true"])
+@pytest.mark.parametrize(
+    "option", ["compile=true", "activation_checkpointing=true", "global_batch_tokens=4096"]
+)
 def test_pretraining_speed_options_are_refused_for_finetuning(tiny_data_dir, tmp_path, option):
     cfg = finetune_config(tmp_path, tiny_data_dir, "classify", "debug=fast_dev_run", option)
     with pytest.raises(ValueError, match="apply to pretraining"):

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlab.cli.train import train
+from gptlab.cli.train import plain, train
+from gptlab.training.callbacks import SampleGenerationCallback
 from gptlab.training.checkpoint import load_model
-from gptlab.training.optim import SchedulerConfig, lr_factor
+from gptlab.training.optim import SchedulerConfig, dataclass_from_dict, lr_factor
 from tests.conftest import TINY_MODEL, compose_config
 
 
@@ -100,3 +102,27 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
     assert lr_factor(60, cfg) == pytest.approx(0.55)
     assert lr_factor(110, cfg) == pytest.approx(0.1)
     assert lr_factor(500, cfg) == pytest.approx(0.1)
+
+
+def test_samples_are_generated_once_per_step_under_gradient_accumulation():
+    callback = SampleGenerationCallback(prompts=["The"], every_n_steps=2)
+    generated_at = []
+    log_samples = callback.log_samples
+
+    def counting(trainer, pl_module):
+        generated_at.append(trainer.global_step)
+        log_samples(trainer, pl_module)
+
+    callback.log_samples = counting
+    no_tokenizer = SimpleNamespace(tokenizer_json=None)  # generation itself is skipped
+    for step in (1, 1, 2, 2, 3, 3, 4, 4):  # two micro-batches per optimizer step
+        callback.on_train_batch_end(SimpleNamespace(global_step=step), no_tokenizer, None, None, 0)
+    callback.on_train_end(SimpleNamespace(global_step=4), no_tokenizer)
+    assert generated_at == [2, 4]
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+def test_every_scheduler_config_composes_to_its_schedule(tiny_data_dir, tmp_path, name):
+    cfg = tiny_run(tiny_data_dir, tmp_path, f"scheduler={name}")
+    config = dataclass_from_dict(SchedulerConfig, plain(cfg.scheduler), "scheduler")
+    assert config.name == name and config.max_steps == cfg.trainer.max_steps

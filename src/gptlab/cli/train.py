@@ -47,10 +47,11 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
         pretrained = read_pretrained(resolve_checkpoint(init_from, cfg.paths.log_dir))
     model, optimizer, scheduler = plain(cfg.model), plain(cfg.optimizer), plain(cfg.scheduler)
     if cfg.get("finetune") is not None:
-        if cfg.compile or cfg.activation_checkpointing:
+        if cfg.compile or cfg.activation_checkpointing or cfg.global_batch_tokens is not None:
             raise ValueError(
-                "compile and activation_checkpointing apply to pretraining (LitGPT) only; "
-                "set compile=false activation_checkpointing=false for a finetuning experiment"
+                "compile, activation_checkpointing and global_batch_tokens apply to pretraining "
+                "only; for a finetuning experiment leave them at false, false and null "
+                "(trainer.accumulate_grad_batches accumulates gradients)"
             )
         return build_finetune_module(
             model, optimizer, scheduler, plain(cfg.finetune), datamodule, pretrained

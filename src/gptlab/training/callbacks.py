@@ -120,15 +120,20 @@ class SampleGenerationCallback(L.Callback):
         self.seed = seed
         self.stop_at = stop_at  # a token that ends a sample, e.g. the end-of-text token
         self.last_samples: list[str] = []
+        self._sampled_step = -1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+        # With gradient accumulation several micro-batches end at the same global step.
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step > 0 and step != self._sampled_step:
             self.log_samples(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self.log_samples(trainer, pl_module)
+        if trainer.global_step != self._sampled_step:
+            self.log_samples(trainer, pl_module)
 
     def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._sampled_step = trainer.global_step
         if pl_module.tokenizer_json is None:
             return
         model = self.whole_model(trainer, pl_module)  # every rank joins (FSDP gathers weights)

@@ -110,7 +110,9 @@ class AttentionDiagnosticsCallback(L.Callback):
         self.log_diagnostics(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and trainer.global_step > 0:
+        # With gradient accumulation several micro-batches end at the same global step.
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and step > 0 and self.last.get("step") != step:
             self.log_diagnostics(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

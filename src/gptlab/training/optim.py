@@ -109,9 +109,10 @@ def param_groups(
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    # The names label the groups' learning rates in TensorBoard (lr-AdamW/decay, ...).
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
 
 
