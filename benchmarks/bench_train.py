@@ -11,7 +11,7 @@ ms/step, tokens/s, MFU against a peak measured with a large matmul in the traini
 against the training consumption rate, generation tokens/s with and without the KV cache and,
 on CPUs, the effect of bf16 autocast and torch.compile on the plain loop.
 
-    python benchmarks/bench_train.py --out benchmarks/results_cpu.md         # CPU: tiny, small
+    python benchmarks/bench_train.py --out benchmarks/results_cpu.md   # CPU: micro, tiny, small
     python benchmarks/bench_train.py --device cuda --shapes gpt2 --precision bf16-mixed --compile
 
 The data is the built-in corpus, prepared on first use (data/builtin-bpe4096, as gptlab-prepare).
