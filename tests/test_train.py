@@ -126,3 +126,17 @@ def test_every_scheduler_config_composes_to_its_schedule(tiny_data_dir, tmp_path
     cfg = tiny_run(tiny_data_dir, tmp_path, f"scheduler={name}")
     config = dataclass_from_dict(SchedulerConfig, plain(cfg.scheduler), "scheduler")
     assert config.name == name and config.max_steps == cfg.trainer.max_steps
+
+
+def test_the_report_says_which_step_its_validation_belongs_to(tiny_data_dir, tmp_path, capsys):
+    cfg = tiny_run(
+        tiny_data_dir,
+        tmp_path,
+        "trainer.max_steps=5",
+        "trainer.val_check_interval=3",
+        "scheduler.warmup_steps=1",
+        "callbacks.samples=null",
+    )
+    results = train(cfg)
+    assert (results["step"], results["val_step"]) == (5, 3)
+    assert "val loss at step 3 (the last validation)" in capsys.readouterr().out

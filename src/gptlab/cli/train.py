@@ -130,6 +130,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     # weights_only: a checkpoint holds tensors and plain data, never pickled code.
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results = collect_results(trainer, datamodule, callbacks)
+    results["val_step"] = model.validated_at_step
     print_results(results)
     return results
 
@@ -163,10 +164,13 @@ def collect_results(
     return results
 
 
-@rank_zero_only
-def print_results(results: dict[str, Any]) -> None:
-    print(f"\nstep {results['step']}")
-    line = f"val loss {results['val_loss']:.4f}"
+def validation_line(results: dict[str, Any]) -> str:
+    if results["val_step"] is None:
+        return "no validation ran: trainer.val_check_interval is longer than the run"
+    line = "val loss"
+    if results["val_step"] != results["step"]:  # the run ended between two validations
+        line += f" at step {results['val_step']} (the last validation)"
+    line += f" {results['val_loss']:.4f}"
     if math.isnan(results["val_acc"]):
         line += f" nats/token (perplexity {results['val_ppl']:.1f})"
     else:
@@ -176,7 +180,13 @@ def print_results(results: dict[str, Any]) -> None:
         )
     if not math.isnan(results["unigram_entropy"]):
         line += f"; unigram entropy of the data {results['unigram_entropy']:.4f} nats/token"
-    print(line)
+    return line
+
+
+@rank_zero_only
+def print_results(results: dict[str, Any]) -> None:
+    print(f"\nstep {results['step']}")
+    print(validation_line(results))
     if "tokens_per_sec" in results:
         print(
             f"training throughput {results['tokens_per_sec']:,.0f} tokens/s, "

@@ -69,6 +69,7 @@ class LitGPT(L.LightningModule):
         self.model = GPT(self.config)
         self.val_loss = MeanMetric()
         self.tokenizer_json: str | None = None
+        self.validated_at_step: int | None = None
         self._rng_to_restore: dict[str, Any] | None = None
         self._sped_up = False
 
@@ -108,6 +109,11 @@ class LitGPT(L.LightningModule):
         x, y = batch
         # Weight by token count so val/loss is the exact mean over all validation tokens.
         self.val_loss.update(next_token_loss(self.model(x), y), weight=y.numel())
+
+    def on_validation_end(self) -> None:
+        # The final report says which step its validation metrics belong to.
+        if not self.trainer.sanity_checking:
+            self.validated_at_step = self.trainer.global_step
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
