@@ -10,19 +10,16 @@ import sys
 from pathlib import Path
 
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptlab.analysis import read_scalars
 
 METRICS = ("val/loss", "val/acc", "val/majority_acc")
 
 
 def last_values(events_dir: Path) -> dict[str, tuple[int, float]]:
-    scalars = EventAccumulator(str(events_dir)).Reload()
-    tags = set(scalars.Tags()["scalars"])
-    return {
-        tag: (scalars.Scalars(tag)[-1].step, scalars.Scalars(tag)[-1].value)
-        for tag in METRICS
-        if tag in tags
-    }
+    """tag -> (step, value) of each metric's last logged point."""
+    scalars = read_scalars(events_dir)
+    return {tag: scalars[tag][-1] for tag in METRICS if scalars.get(tag)}
 
 
 def main(roots: list[str]) -> None:

@@ -15,8 +15,8 @@ import math
 from pathlib import Path
 
 import matplotlib
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gptlab.analysis import read_scalars
 from gptlab.cli.evaluate import score, training_data_dir, val_stream
 from gptlab.training.checkpoint import load_model
 
@@ -27,11 +27,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the file-only bac
 def load_run(run_dir: Path) -> dict:
     data_dir = Path(training_data_dir(run_dir / "checkpoints" / "last.ckpt"))
     manifest = json.loads((data_dir / "manifest.json").read_text())
-    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
-    scalars = {
-        tag: ([e.step for e in events.Scalars(tag)], [e.value for e in events.Scalars(tag)])
-        for tag in ("train/loss", "val/loss")
-    }
+    logged = read_scalars(run_dir / "tensorboard")
+    scalars = {tag: list(zip(*logged[tag], strict=True)) for tag in ("train/loss", "val/loss")}
     return {
         "dir": run_dir,
         "tokenizer": manifest["tokenizer"]["kind"],

@@ -130,7 +130,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     # weights_only: a checkpoint holds tensors and plain data, never pickled code.
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results = collect_results(trainer, datamodule, callbacks)
-    results["val_step"] = model.validated_at_step
     print_results(results)
     return results
 
@@ -148,6 +147,7 @@ def collect_results(
     manifest = getattr(datamodule, "manifest", {})  # finetuning data has no manifest
     results: dict[str, Any] = {
         "step": trainer.global_step,
+        "val_step": trainer.lightning_module.validated_at_step,  # None: no validation ran
         "val_loss": metrics.get("val/loss", math.nan),
         "val_ppl": metrics.get("val/ppl", math.nan),
         "val_acc": metrics.get("val/acc", math.nan),
