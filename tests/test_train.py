@@ -5,14 +5,15 @@ from __future__ import annotations
 import math
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlab.cli.train import plain, train
+from gptlab.cli.train import plain, train, validation_line
 from gptlab.training.callbacks import SampleGenerationCallback
-from gptlab.training.checkpoint import load_model
+from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.optim import SchedulerConfig, dataclass_from_dict, lr_factor
 from tests.conftest import TINY_MODEL, compose_config
 
@@ -128,15 +129,48 @@ def test_every_scheduler_config_composes_to_its_schedule(tiny_data_dir, tmp_path
     assert config.name == name and config.max_steps == cfg.trainer.max_steps
 
 
-def test_the_report_says_which_step_its_validation_belongs_to(tiny_data_dir, tmp_path, capsys):
-    cfg = tiny_run(
-        tiny_data_dir,
-        tmp_path,
-        "trainer.max_steps=5",
-        "trainer.val_check_interval=3",
+class FinalWeights(L.Callback):
+    """Keeps a copy of the GPT's weights as they are when `fit` returns."""
+
+    def on_fit_end(self, trainer, pl_module):
+        self.weights = {k: v.detach().clone() for k, v in pl_module.model.state_dict().items()}
+        self.step = trainer.global_step
+
+
+def test_a_run_ending_between_validations_validates_and_saves_its_final_weights(
+    tiny_data_dir, tmp_path, capsys
+):
+    overrides = [
+        "trainer.max_steps=7",
+        "trainer.val_check_interval=5",
         "scheduler.warmup_steps=1",
         "callbacks.samples=null",
-    )
-    results = train(cfg)
-    assert (results["step"], results["val_step"]) == (5, 3)
-    assert "val loss at step 3 (the last validation)" in capsys.readouterr().out
+    ]
+    final = FinalWeights()
+    results = train(tiny_run(tiny_data_dir, tmp_path, *overrides), extra_callbacks=[final])
+    assert (results["step"], results["val_step"]) == (7, 7)
+    assert "the last validation" not in capsys.readouterr().out
+    steps = sorted(p.name[:10] for p in (tmp_path / "checkpoints").glob("step*.ckpt"))
+    assert steps == ["step000005", "step000007"]  # validated at the interval and at the end
+
+    # last.ckpt holds the weights training ended with; every command that reads it gets them.
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert load_checkpoint(last)["global_step"] == 7
+    model, _ = load_model(last)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, final.weights[name]), name
+
+    # Resuming the finished run trains nothing: the weights stay those of step 7.
+    resumed = FinalWeights()
+    resume_cfg = tiny_run(tiny_data_dir, tmp_path / "resumed", *overrides, f"ckpt_path={last}")
+    assert train(resume_cfg, extra_callbacks=[resumed])["step"] == 7
+    for name, tensor in resumed.weights.items():
+        assert torch.equal(tensor, final.weights[name]), name
+
+
+def test_the_report_says_which_step_its_validation_belongs_to():
+    results = {"step": 5, "val_step": 3, "val_loss": 4.5, "val_acc": math.nan}
+    results |= {"val_ppl": 90.0, "unigram_entropy": math.nan}
+    assert validation_line(results).startswith("val loss at step 3 (the last validation) 4.5")
+    assert validation_line(results | {"val_step": 5}).startswith("val loss 4.5000 nats/token")
+    assert "no validation ran" in validation_line(results | {"val_step": None})

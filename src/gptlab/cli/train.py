@@ -166,7 +166,7 @@ def collect_results(
 
 def validation_line(results: dict[str, Any]) -> str:
     if results["val_step"] is None:
-        return "no validation ran: trainer.val_check_interval is longer than the run"
+        return "no validation ran: validation is switched off, or no step was left to train"
     line = "val loss"
     if results["val_step"] != results["step"]:  # the run ended between two validations
         line += f" at step {results['val_step']} (the last validation)"

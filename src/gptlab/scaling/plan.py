@@ -272,8 +272,8 @@ class ScalingRun(L.Callback):
             return
         if self._final_val is None or self._final_val[0] != step:
             log.warning(
-                "scaling run: no validation after the last step (trainer.val_check_interval "
-                "must divide trainer.max_steps=%d): not recorded",
+                "scaling run: no validation after the last step %d (validation is switched "
+                "off): not recorded",
                 step,
             )
             return

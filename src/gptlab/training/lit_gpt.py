@@ -146,6 +146,14 @@ class LitGPT(L.LightningModule):
             check_same_finetuning(saved.get("finetune"), self.hparams.get("finetune"), source)
             self._rng_to_restore = rng_state_of_rank(checkpoint.get(RNG_KEY), self.global_rank)
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # After the last optimizer step, asking the Trainer to stop makes it validate at once
+        # (unless this step was a validation step anyway), and ModelCheckpoint saves last.ckpt
+        # after every validation: so the final weights are validated and saved whatever
+        # trainer.val_check_interval is, and resuming from last.ckpt trains nothing more.
+        if self.trainer.max_steps > 0 and self.global_step >= self.trainer.max_steps:
+            self.trainer.should_stop = True
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The RNGs are restored just before the first step after a resume, not at load time:
         # the setup in between (callbacks' on_train_start, loader iterators) may draw random
