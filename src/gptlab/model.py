@@ -303,20 +303,25 @@ class LearnedPosition(Position):
         return x + self.wpe(pos)
 
 
+# The RMS of the sinusoidal table: GPTConfig's default init_std, so that models trained with the
+# default init (every preset) compute what they computed when the table followed init_std.
+SINUSOIDAL_RMS = 0.02
+
+
 @register(POSITIONS, "sinusoidal")
 class SinusoidalPosition(Position):
     """Vaswani et al. table, computed on the fly so any length works and nothing is stored.
 
-    Scaled to the token embeddings' initial RMS (the init scheme's std): at unit amplitude the
-    fixed table would drown the small-initialised token signal (Vaswani instead scale tokens up
-    by sqrt(C)).
+    Scaled to an RMS of SINUSOIDAL_RMS, the default init's token-embedding std: at unit amplitude
+    the fixed table would drown the small-initialised token signal (Vaswani instead scale tokens
+    up by sqrt(C)). The scale is a constant, not the run's init_std: init settings may change
+    when a checkpoint is resumed or finetuned, and the same weights must compute the same logits.
     """
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__(config)
         self.dim = config.n_embd
-        embedding_std = INIT_SCHEMES[config.init].std(config)
-        self.scale = embedding_std * math.sqrt(2)  # sin and cos have RMS 1/sqrt(2)
+        self.scale = SINUSOIDAL_RMS * math.sqrt(2)  # sin and cos have RMS 1/sqrt(2)
 
     def embed(self, x: Tensor, pos: Tensor) -> Tensor:
         i = torch.arange(0, self.dim, 2, device=pos.device, dtype=torch.float32)
