@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import lightning as L
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlab.cli.train import train
+from gptlab.model import GPT, GPTConfig
 from gptlab.scaling.analyze import analyze, read_runs_csv
 from gptlab.scaling.fit import (
     ChinchillaLaw,
@@ -130,6 +132,40 @@ def test_sweep_run_records_n_d_c_and_is_skipped_when_finished(tiny_data_dir, tmp
     # ... unless its settings changed: then it refuses rather than mix two studies.
     with pytest.raises(ValueError, match="optimizer"):
         train(sweep_config(tiny_data_dir, tmp_path, "optimizer.lr=1e-4"))
+
+
+class TokenCounter(L.Callback):
+    """Counts the input tokens of every training micro-batch: the D a run really trained on."""
+
+    tokens = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.tokens += batch[0].numel()
+
+
+@pytest.mark.parametrize(
+    "batching",
+    [
+        ["global_batch_tokens=256"],  # 2 micro-batches of 8 x 16 tokens per step
+        ["trainer.accumulate_grad_batches=2"],
+    ],
+)
+def test_sweep_records_the_tokens_and_flops_it_trained(tiny_data_dir, tmp_path, batching):
+    counter = TokenCounter()
+    cfg = sweep_config(tiny_data_dir, tmp_path, "data.loader.block_size=16", *batching)
+    train(cfg, extra_callbacks=[counter])
+    record = json.loads((tmp_path / RESULT_FILE).read_text())
+    assert record["status"] == "finished" and record["tokens_per_step"] == 2 * 8 * 16
+    assert record["tokens"] == counter.tokens == record["steps"] * 256
+    # Attention FLOPs at the length of the sequences trained on, not the model's block_size.
+    model = GPTConfig.from_dict(record["settings"]["model"])
+    expected = GPT(model).flops_per_token(seq_len=16)
+    assert record["flops_per_token"] == expected < GPT(model).flops_per_token()
+    assert record["flops"] == pytest.approx(counter.tokens * expected)
+
+    both = ["global_batch_tokens=256", "trainer.accumulate_grad_batches=2"]
+    with pytest.raises(ValueError, match="not both"):
+        train(sweep_config(tiny_data_dir, tmp_path / "both", *both))
 
 
 def test_sweep_skips_a_model_too_big_for_its_budget(tiny_data_dir, tmp_path):

@@ -32,6 +32,7 @@ from gptlab.data.datamodule import GPTDataModule
 from gptlab.data.fileio import atomic_write_text
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.optim import dataclass_from_dict
+from gptlab.training.scale import gradient_accumulation
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,18 @@ class RunPlan:
 
 
 def plan_run(
-    scaling: ScalingConfig, model: dict[str, Any], tokens_per_step: int, train_tokens: int
+    scaling: ScalingConfig,
+    model: dict[str, Any],
+    tokens_per_step: int,
+    train_tokens: int,
+    seq_len: int | None = None,
 ) -> RunPlan:
-    """Steps, warmup and the N, D, C bookkeeping of `model` (a complete GPTConfig dict)."""
+    """Steps, warmup and the N, D, C bookkeeping of `model` (a complete GPTConfig dict) trained
+    on sequences of `seq_len` tokens (default: its block_size)."""
     config = GPTConfig.from_dict(model)
     with torch.device("meta"):  # counts without allocating or initialising any weights
         gpt = GPT(config)
-    flops_per_token = gpt.flops_per_token()
+    flops_per_token = gpt.flops_per_token(seq_len)
     steps = int(scaling.budget // (flops_per_token * tokens_per_step))
     tokens = steps * tokens_per_step
     skip_reason = None
@@ -143,16 +149,24 @@ def plan_run(
     )
 
 
-def tokens_per_step(cfg: DictConfig) -> int:
-    """Training tokens in one optimizer step, over all devices."""
+def tokens_per_step(cfg: DictConfig, datamodule: GPTDataModule) -> int:
+    """Training tokens in one optimizer step, over all devices and accumulated micro-batches
+    (as `global_batch_tokens` or trainer.accumulate_grad_batches set them)."""
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
     if not isinstance(devices, int):
         raise ValueError(
             f"trainer.devices={devices!r}: a scaling run needs the device count as an int "
             "to count the tokens of a step"
         )
-    accumulate = cfg.trainer.get("accumulate_grad_batches", 1)
-    return cfg.data.loader.batch_size * cfg.model.block_size * accumulate * devices * nodes
+    batch, block, world = datamodule.batch_size, datamodule.block_size, devices * nodes
+    accumulate = gradient_accumulation(
+        cfg.get("global_batch_tokens"),
+        cfg.trainer.get("accumulate_grad_batches", 1),
+        batch,
+        block,
+        world,
+    )
+    return batch * block * accumulate * world
 
 
 class ScalingRun(L.Callback):
@@ -185,8 +199,9 @@ class ScalingRun(L.Callback):
         plan = plan_run(
             self.scaling,
             OmegaConf.to_container(model, resolve=True),
-            tokens_per_step(cfg),
+            tokens_per_step(cfg, datamodule),
             datamodule.manifest["splits"]["train"]["tokens"],
+            seq_len=datamodule.block_size,  # the loader's, which may be shorter than the model's
         )
         if plan.skip_reason is None or self.smoke_test:
             cfg.trainer.max_steps = max(1, plan.steps)

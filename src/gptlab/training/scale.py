@@ -146,20 +146,34 @@ def accumulation_for_tokens(
     return global_batch_tokens // per_micro_batch
 
 
+def gradient_accumulation(
+    global_batch_tokens: int | None,
+    accumulate_grad_batches: int,
+    batch_size: int,
+    block_size: int,
+    world_size: int,
+) -> int:
+    """Micro-batches per optimizer step: from `global_batch_tokens` when it is set (then
+    trainer.accumulate_grad_batches must stay 1), else trainer.accumulate_grad_batches."""
+    if global_batch_tokens is None:
+        return accumulate_grad_batches
+    if accumulate_grad_batches != 1:
+        raise ValueError(
+            f"set either global_batch_tokens={global_batch_tokens} or "
+            f"trainer.accumulate_grad_batches={accumulate_grad_batches}, not both"
+        )
+    return accumulation_for_tokens(global_batch_tokens, batch_size, block_size, world_size)
+
+
 def set_global_batch(
     trainer: L.Trainer, global_batch_tokens: int | None, datamodule: GPTDataModule
 ) -> None:
     """Set the trainer's gradient accumulation from a global batch in tokens (None: leave it)."""
     if global_batch_tokens is None:
         return
-    if trainer.accumulate_grad_batches != 1:
-        raise ValueError(
-            f"set either global_batch_tokens={global_batch_tokens} or "
-            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}, not both"
-        )
     batch, block, ranks = datamodule.batch_size, datamodule.block_size, trainer.world_size
-    trainer.accumulate_grad_batches = accumulation_for_tokens(
-        global_batch_tokens, batch, block, ranks
+    trainer.accumulate_grad_batches = gradient_accumulation(
+        global_batch_tokens, trainer.accumulate_grad_batches, batch, block, ranks
     )
     log.info(
         "global batch %d tokens: accumulating %d micro-batches of %d x %d tokens on %d ranks",
