@@ -7,7 +7,9 @@ import logging
 import re
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -23,7 +25,7 @@ from gptlab.data.sources import builtin_corpus, builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.checkpoint import load_checkpoint, load_model
-from gptlab.training.finetune import LitClassifier, LitSFT
+from gptlab.training.finetune import LitClassifier, LitSFT, ResponseSampleCallback
 from gptlab.training.lit_gpt import next_token_loss
 from tests.conftest import TINY_MODEL, compose_config, small_english_documents
 
@@ -124,6 +126,42 @@ def test_only_response_tokens_and_their_end_of_text_are_targets(tokenizer):
     assert encode(segments, tokenizer, eot, first_end)[1] == expected_targets[:first_end]
     first_response = expected_targets.index(next(t for t in expected_targets if t >= 0))
     assert encode(segments, tokenizer, eot, max_length=first_response) is None
+
+
+def test_sample_prompts_are_the_ids_that_precede_the_last_response_in_training(
+    tiny_data_dir, tmp_path
+):
+    """Training tokenizes segment by segment; a prompt tokenized as one text can differ where
+    segments meet, and the model would then be sampled on ids it was never trained on."""
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "Is tuple a long word?"},
+            {"role": "assistant", "content": "no"},
+            {"role": "user", "content": "And dictionary?"},
+            {"role": "assistant", "content": "yes"},
+        ]
+    }
+    alpaca = {"instruction": "Is this a long word?", "input": "tuple", "output": "no"}
+    for record in (chat, alpaca):
+        data = write_jsonl(tmp_path / "one.jsonl", [record] * 4)
+        datamodule = SFTDataModule(
+            source="jsonl",
+            paths=[str(data)],
+            max_length=256,
+            val_fraction=0.25,
+            tokenizer_path=str(tiny_data_dir / "tokenizer.json"),
+        )
+        datamodule.setup()
+        inputs, targets = datamodule.val_items[0]
+        # The last response starts where the last run of targets that are not ignored starts.
+        start = max(
+            t for t in range(len(targets)) if targets[t] != IGNORE_INDEX and targets[t - 1] < 0
+        )
+        callback = ResponseSampleCallback(num_examples=1)
+        callback.on_fit_start(SimpleNamespace(datamodule=datamodule, logger=None), None)
+        assert callback.prompt_ids(datamodule.tokenizer) == [inputs[: start + 1]]
+        assert callback.references == [record.get("output", "yes")]
 
 
 def test_records_render_through_the_template_and_bad_records_are_named(tmp_path):
@@ -278,6 +316,71 @@ def test_sft_learns_the_responses_with_the_checkpoints_tokenizer(
     assert len(results["samples"]) == 3 and results["samples"][0].startswith("### Instruction:")
     tags = EventAccumulator(str(tmp_path / "tensorboard")).Reload().Tags()["tensors"]
     assert {"samples/reference_0/text_summary", "samples/0/text_summary"} <= set(tags)
+
+
+class RecordingSFT(LitSFT):
+    """Keeps the batches it trains on and the gradients the optimizer is about to apply."""
+
+    def training_step(self, batch, batch_idx):
+        self.batches = [*getattr(self, "batches", []), batch]
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.grads = {name: p.grad.clone() for name, p in self.model.named_parameters()}
+
+
+def test_an_accumulated_sft_step_takes_the_mean_over_all_its_response_tokens(
+    tiny_data_dir, tmp_path
+):
+    # Responses of 1 to 81 words: however the 4 training examples pair up into 2 micro-batches,
+    # the micro-batches hold different numbers of response tokens.
+    records = [
+        {"instruction": f"Say {n} words.", "output": " ".join(words(81)[:n])}
+        for n in (1, 3, 9, 27, 81)
+    ]
+    datamodule = SFTDataModule(
+        source="jsonl",
+        paths=[str(write_jsonl(tmp_path / "lengths.jsonl", records))],
+        max_length=256,
+        batch_size=2,
+        val_fraction=0.2,
+        tokenizer_path=str(tiny_data_dir / "tokenizer.json"),
+    )
+    torch.manual_seed(0)
+    lit = RecordingSFT({**TINY_GPT, "block_size": 256})
+    initial = {k: v.clone() for k, v in lit.model.state_dict().items()}
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=2,
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(lit, datamodule=datamodule)
+    counts = [int((y != IGNORE_INDEX).sum()) for _, y in lit.batches]
+    assert len(counts) == 2 and counts[0] != counts[1]
+
+    # By hand: one mean over the response tokens of both micro-batches together.
+    model = GPT(GPTConfig(**{**TINY_GPT, "block_size": 256}))
+    model.load_state_dict(initial)
+    per_token = []
+    for x, y in lit.batches:
+        real = y != IGNORE_INDEX
+        log_probs = model(x).log_softmax(dim=-1)[real]  # (response tokens, vocab)
+        per_token.append(-log_probs.gather(1, y[real][:, None]).squeeze(1))
+    token_mean = torch.cat(per_token).mean()
+    expected = torch.autograd.grad(token_mean, list(model.parameters()), retain_graph=True)
+    for (name, _), grad in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(lit.grads[name], grad, rtol=1e-4, atol=1e-7)
+
+    # The mean of the two micro-batch means, which weighs tokens unequally, differs.
+    batch_means = torch.stack([losses.mean() for losses in per_token]).mean()
+    unequal = torch.autograd.grad(batch_means, model.wte.weight)[0]
+    assert not torch.allclose(unequal, lit.grads["wte.weight"], rtol=1e-2, atol=1e-6)
 
 
 def test_lora_sft_trains_adapters_only_and_exports_them_merged(

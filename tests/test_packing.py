@@ -12,7 +12,6 @@ from gptlab.data.sft import PAD_SEGMENT, SFTDataModule, collate, collate_packed,
 from gptlab.data.tokenizer import eot_id, load_tokenizer
 from gptlab.model import ATTENTION_BACKENDS, GPT, POSITIONS, GPTConfig, segment_positions
 from gptlab.training.finetune import LitSFT
-from gptlab.training.lit_gpt import next_token_loss
 from tests.test_finetune import TINY_GPT, finetune_config
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, n_kv_heads=2)
@@ -100,20 +99,21 @@ def test_per_token_loss_is_the_same_packed_or_padded(items):
     packed = collate_packed(pack(items, 64), pad_id=eot)
     assert packed[0].size(0) < padded[0].size(0)  # two examples share a row
     with torch.no_grad():
-        loss_padded = lit.batch_loss(padded)
-        loss_packed = lit.batch_loss(packed)
+        loss_padded, count_padded = lit.response_loss(padded)
+        loss_packed, count_packed = lit.response_loss(packed)
         per_token_padded = torch.nn.functional.cross_entropy(
             lit.model(padded[0]).transpose(1, 2), padded[1], reduction="none"
         )
         per_token_packed = torch.nn.functional.cross_entropy(
             lit.model(packed[0], segments=packed[2]).transpose(1, 2), packed[1], reduction="none"
         )
-        unpacked = next_token_loss(lit.model(packed[0]), packed[1])  # no segments: leaks
+        unpacked = lit.response_loss(packed[:2])[0]  # no segments: documents see each other
     real = padded[1] != IGNORE_INDEX
     torch.testing.assert_close(
         per_token_packed[packed[1] != IGNORE_INDEX], per_token_padded[real], atol=1e-5, rtol=0
     )
-    torch.testing.assert_close(loss_packed, loss_padded, atol=1e-6, rtol=0)
+    assert count_packed == count_padded == real.sum()
+    torch.testing.assert_close(loss_packed, loss_padded, atol=1e-5, rtol=0)
     assert not torch.allclose(unpacked, loss_padded, atol=1e-4)  # the segments matter
 
 

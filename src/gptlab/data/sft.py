@@ -102,17 +102,33 @@ def _render_chat(messages: list, template: PromptTemplate, where: str) -> list[S
     return segments
 
 
+def segment_ids(
+    segments: list[Segment], tokenizer: Tokenizer, eot: int
+) -> tuple[list[int], list[bool]]:
+    """The token ids of `segments` and, for each, whether it belongs to a response. Each segment
+    is tokenized on its own, a response is followed by the end-of-text token, and the whole
+    starts with one, as every pretraining document does."""
+    ids, is_response = [eot], [False]
+    for text, response in segments:
+        piece = tokenizer.encode(text).ids + ([eot] if response else [])
+        ids += piece
+        is_response += [response] * len(piece)
+    return ids, is_response
+
+
+def split_last_response(segments: list[Segment]) -> tuple[list[Segment], str]:
+    """(the segments before the last response, the text of that response)."""
+    last = max(i for i, (_, is_response) in enumerate(segments) if is_response)
+    return segments[:last], segments[last][0]
+
+
 def encode(
     segments: list[Segment], tokenizer: Tokenizer, eot: int, max_length: int
 ) -> tuple[list[int], list[int]] | None:
     """(inputs, targets) of at most `max_length` tokens: targets are the inputs shifted by one,
     IGNORE_INDEX except where they are response tokens. None when truncation to `max_length`
     leaves no response token to learn from."""
-    ids, is_response = [eot], [False]  # every pretraining document follows an end-of-text
-    for text, response in segments:
-        piece = tokenizer.encode(text).ids + ([eot] if response else [])
-        ids += piece
-        is_response += [response] * len(piece)
+    ids, is_response = segment_ids(segments, tokenizer, eot)
     ids, is_response = ids[: max_length + 1], is_response[: max_length + 1]
     targets = [t if r else IGNORE_INDEX for t, r in zip(ids[1:], is_response[1:], strict=True)]
     if all(t == IGNORE_INDEX for t in targets):
@@ -205,11 +221,19 @@ class SFTDataModule(ExampleDataModule):
     def collate_fn(self) -> Callable:
         return partial(collate_packed if self.packing else collate, pad_id=self.eot_id)
 
-    def sample_prompts(self, count: int) -> list[tuple[str, str]]:
-        """(prompt, reference response) of the first `count` held-out examples: the prompt is
-        everything before the last response."""
+    def response_tokens_per_batch(self) -> float:
+        """The mean number of response tokens (targets that add loss) in a training batch."""
+        self.setup()
+        rows = self.train_items if self.packing else [[item] for item in self.train_items]
+        targets = sum(t != IGNORE_INDEX for row in rows for _, ys in row for t in ys)
+        return self.batch_size * targets / len(rows)
+
+    def sample_prompts(self, count: int) -> list[tuple[list[int], str]]:
+        """(prompt token ids, reference response) of the first `count` held-out examples. The
+        prompt is everything before the last response, as the ids that precede that response
+        in training (`segment_ids`): the model is prompted exactly as it was trained."""
         pairs = []
         for segments in self.splits[1][:count]:
-            last = max(i for i, (_, is_response) in enumerate(segments) if is_response)
-            pairs.append(("".join(text for text, _ in segments[:last]), segments[last][0]))
+            before, reference = split_last_response(segments)
+            pairs.append((segment_ids(before, self.tokenizer, self.eot_id)[0], reference))
         return pairs

@@ -140,7 +140,9 @@ class SampleGenerationCallback(L.Callback):
         if not trainer.is_global_zero:
             return
         tokenizer = Tokenizer.from_str(pl_module.tokenizer_json)
-        self.last_samples = [self.complete(model, tokenizer, p) for p in self.prompts]
+        self.last_samples = [
+            self.complete(model, tokenizer, ids) for ids in self.prompt_ids(tokenizer)
+        ]
         experiment = getattr(trainer.logger, "experiment", None)
         if hasattr(experiment, "add_text"):
             for i, text in enumerate(self.last_samples):
@@ -160,9 +162,12 @@ class SampleGenerationCallback(L.Callback):
         model.load_state_dict(gpt_weights(state))
         return model.to(pl_module.device)
 
-    def complete(self, model: GPT, tokenizer: Tokenizer, prompt: str) -> str:
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        """The token ids of each prompt (an empty prompt starts from token 0)."""
+        return [tokenizer.encode(prompt).ids or [0] for prompt in self.prompts]
+
+    def complete(self, model: GPT, tokenizer: Tokenizer, ids: list[int]) -> str:
         device = model.wte.weight.device
-        ids = tokenizer.encode(prompt).ids or [0]
         idx = torch.tensor([ids], dtype=torch.long, device=device)
         generator = torch.Generator(device=device).manual_seed(self.seed)
         was_training = model.training

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
+from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -31,8 +32,9 @@ from gptlab.lora import LoRAConfig, apply_lora, count_parameters
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.callbacks import SampleGenerationCallback
 from gptlab.training.checkpoint import Pretrained, check_architecture, load_pretrained_weights
-from gptlab.training.lit_gpt import LitGPT, next_token_loss
+from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.optim import dataclass_from_dict
+from gptlab.training.scale import is_logging_step
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,16 @@ def prepare_for_finetuning(
 
 
 class LitSFT(LitGPT):
-    """LitGPT on prompt/response batches. Prompt and padding targets are IGNORE_INDEX, which the
-    cross-entropy skips, so the training loss is the mean over response tokens. Packed batches
-    (data.loader.packing) carry a third tensor, the segment ids, which the model is given."""
+    """LitGPT on prompt/response batches. Prompt and padding targets are IGNORE_INDEX, so only
+    response tokens add loss. Packed batches (data.loader.packing) carry a third tensor, the
+    segment ids, which the model is given.
+
+    The training loss of an optimizer step is the mean over all its response tokens, on every
+    rank and in every accumulated micro-batch, as val/loss is over the validation set: a
+    micro-batch with more response tokens weighs more. The total is known only once the last
+    micro-batch is in, so each micro-batch backpropagates its summed loss divided by a constant,
+    `loss_divisor`, and `on_before_optimizer_step` rescales the gradients to the mean.
+    """
 
     def __init__(
         self,
@@ -100,14 +109,48 @@ class LitSFT(LitGPT):
         super().__init__(model, optimizer, scheduler)
         self.finetune_config = FinetuneConfig.from_dict(finetune or {})
         prepare_for_finetuning(self.model, self.finetune_config)
+        # Any constant gives the same gradients; about the response tokens of a micro-batch
+        # (set in `setup`), the backpropagated loss stays near a mean loss in size, which is
+        # what fp16 loss scaling and NonFiniteGuard's spike check expect.
+        self.loss_divisor = 1.0
+        self._step_sums = torch.zeros(2)  # (summed loss, response tokens) of this optimizer step
 
-    def batch_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if isinstance(datamodule, SFTDataModule):
+            self.loss_divisor = datamodule.response_tokens_per_batch()
+
+    def response_loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token loss over the response tokens of a batch, their count)."""
         x, y, *segments = batch  # (inputs, targets) padded, (inputs, targets, segments) packed
-        return next_token_loss(self.model(x, segments=segments[0] if segments else None), y)
+        logits = self.model(x, segments=segments[0] if segments else None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        return loss, (y != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        loss, count = self.response_loss(batch)
+        self._step_sums = self._step_sums.to(loss.device) + torch.stack(
+            [loss.detach(), count.float()]
+        )
+        return loss / self.loss_divisor
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning divided each micro-batch's loss by the accumulation count, and DDP averages
+        # the gradients of the ranks; undo both and the divisor, then divide by the step's tokens.
+        loss, tokens = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum")
+        self._step_sums = torch.zeros_like(self._step_sums)
+        trainer = self.trainer
+        scale = trainer.accumulate_grad_batches * trainer.world_size * self.loss_divisor
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale / tokens.clamp(min=1))
+        if trainer.progress_bar_callback or is_logging_step(trainer, self.global_step + 1):
+            self.log("train/loss", loss / tokens.clamp(min=1), prog_bar=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        # Weight by response tokens so val/loss is the exact mean over all of them.
-        self.val_loss.update(self.batch_loss(batch), weight=(batch[1] != IGNORE_INDEX).sum())
+        loss, count = self.response_loss(batch)
+        # Weighted by response tokens, val/loss is the exact mean over all of them.
+        self.val_loss.update(loss / count, weight=count)
 
 
 class LitClassifier(LitGPT):
@@ -201,6 +244,7 @@ class ResponseSampleCallback(SampleGenerationCallback):
         )
         self.num_examples = num_examples
         self.references: list[str] = []
+        self._prompt_ids: list[list[int]] = []
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         datamodule = trainer.datamodule
@@ -209,10 +253,12 @@ class ResponseSampleCallback(SampleGenerationCallback):
                 f"ResponseSampleCallback needs an SFTDataModule, got {type(datamodule).__name__}"
             )
         pairs = datamodule.sample_prompts(self.num_examples)
-        # Examples are encoded after an end-of-text token; so are the prompts here.
-        self.prompts = [EOT_TOKEN + prompt for prompt, _ in pairs]
+        self._prompt_ids = [ids for ids, _ in pairs]
         self.references = [reference for _, reference in pairs]
         self.log_references(trainer)
+
+    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
+        return self._prompt_ids  # tokenized by the data module, as in training
 
     @rank_zero_only
     def log_references(self, trainer: L.Trainer) -> None:

@@ -93,17 +93,13 @@ class LitGPT(L.LightningModule):
     def training_step(
         self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> torch.Tensor:
-        loss = self.batch_loss(batch)
+        x, y = batch
+        loss = next_token_loss(self.model(x), y)
         # A progress bar shows the loss every step; without one, log only what gets written.
         trainer = self.trainer
         if trainer.progress_bar_callback or is_logging_step(trainer, self.global_step + 1):
             self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    def batch_loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        """The mean next-token loss of a batch (inputs, targets)."""
-        x, y = batch
-        return next_token_loss(self.model(x), y)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
