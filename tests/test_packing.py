@@ -3,6 +3,8 @@ if it were alone, and SFTDataModule(packing=True) packs whole examples into rows
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -149,4 +151,6 @@ def test_packed_sft_runs_end_to_end(tiny_data_dir, tmp_path):
         "data.loader.packing=true",
     )
     results = train(cfg)
-    assert results["step"] == 1 and results["val_loss"] == pytest.approx(results["val_loss"])
+    # A freshly initialised model guesses about uniformly over the 512 tokens of tiny_data_dir:
+    # the mean over the response tokens of the packed rows is near ln(512).
+    assert results["step"] == 1 and abs(results["val_loss"] - math.log(512)) < 0.1
