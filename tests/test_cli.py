@@ -81,7 +81,12 @@ NOTICES = (
 
 def test_train_console_shows_no_lightning_notices(tiny_data_dir, tmp_path):
     script = Path(sys.executable).with_name("gptlab-train")
-    args = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "debug=fast_dev_run", "callbacks.samples=null"]
+    args = [
+        *TINY_MODEL,
+        f"data.dir={tiny_data_dir}",
+        "debug=fast_dev_run",
+        "callbacks.samples=null",
+    ]
     proc = subprocess.run(
         [str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
@@ -100,8 +105,11 @@ def test_quieting_the_notices_leaves_other_warnings_alone():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quiet_known_notices()
-        warnings.warn("Your `IterableDataset` has `__len__` defined. ...", UserWarning)
-        warnings.warn("some other problem", UserWarning)
-        warnings.warn("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning)
-        warnings.warn("another deprecation", FutureWarning)
+        for message, category in (
+            ("Your `IterableDataset` has `__len__` defined. ...", UserWarning),
+            ("some other problem", UserWarning),
+            ("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning),
+            ("another deprecation", FutureWarning),
+        ):
+            warnings.warn(message, category, stacklevel=1)
     assert [str(w.message) for w in caught] == ["some other problem", "another deprecation"]

@@ -79,7 +79,8 @@ def test_plan_spends_the_budget_in_whole_steps():
     body = 2 * (12 * 64**2 + 13 * 64) + 2 * 64  # 2 blocks (weights, biases, norms) + final norm
     assert plan.non_embedding_params == body
     assert plan.params == body + 512 * 64 + 128 * 64  # + embedding + position table
-    assert plan.flops_per_token == 6 * body + 6 * 2 * 128 * 64 + 6 * 64 * 512
+    # 6 x the weight matrices (2 blocks of 12 d^2, the head) + attention's 12 n_layer T d.
+    assert plan.flops_per_token == 6 * 2 * 12 * 64**2 + 6 * 64 * 512 + 12 * 2 * 128 * 64
     assert plan.steps == int(1e12 // (plan.flops_per_token * 1024))
     assert plan.tokens == plan.steps * 1024
     assert 1e12 - plan.flops_per_token * 1024 < plan.flops <= 1e12
