@@ -280,3 +280,16 @@ def test_analysis_fits_holds_out_plots_and_logs(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert "scaling/report/text_summary" in events.Tags()["tensors"]
     assert "scaling/isoflop" in events.Tags()["images"]
+
+
+def test_n_params_chooses_what_n_counts_in_approaches_2_and_3():
+    from gptlab.scaling.analyze import CSV_COLUMNS, runs_from_rows
+
+    sizes = [{"params": 100.0 * i, "non_embedding_params": 40.0 * i} for i in (1, 2)]
+    rows = [dict.fromkeys(CSV_COLUMNS, 1.0) | size for size in sizes]
+    assert runs_from_rows(rows).params.tolist() == [100.0, 200.0]
+    non_embedding = runs_from_rows(rows, "non_embedding")
+    assert non_embedding.params.tolist() == [40.0, 80.0]
+    assert non_embedding.non_embedding_params.tolist() == [40.0, 80.0]
+    with pytest.raises(ValueError, match=r"n_params='all'; expected one of \['non_embedding', "):
+        runs_from_rows(rows, "all")
