@@ -8,8 +8,10 @@ For each model shape, trains N steps with
 interleaved a, b, a, b, ... so that load from other processes hits both alike. Prints median
 ms/step, tokens/s, MFU against a peak measured with a large matmul in the training dtype (or
 --peak, e.g. a datasheet's dense bf16 number) and the ratio (b)/(a). Then: loader throughput
-against the training consumption rate, generation tokens/s with and without the KV cache and,
-on CPUs, the effect of bf16 autocast and torch.compile on the plain loop.
+against the training consumption rate, generation tokens/s with and without the KV cache (within
+the context, where the cache applies), grouped-query attention through sdpa's enable_gqa against
+copying K and V per query head and, on CPUs, the effect of bf16 autocast and torch.compile on
+the plain loop.
 
     python benchmarks/bench_train.py --out benchmarks/results_cpu.md   # CPU: micro, tiny, small
     python benchmarks/bench_train.py --device cuda --shapes gpt2 --precision bf16-mixed --compile
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import get_available_flops
@@ -47,7 +50,7 @@ from gptlab.cli.prepare import prepare
 from gptlab.cli.train import build_model, train
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT
-from gptlab.training.callbacks import measure_matmul_flops
+from gptlab.training.callbacks import cpu_name, measure_matmul_flops, precision_dtype
 from gptlab.training.lit_gpt import next_token_loss
 from gptlab.training.optim import build_optimizer, build_scheduler
 
@@ -272,6 +275,36 @@ def generation_tokens_per_sec(
     return statistics.median(rates)
 
 
+def gqa_attention_ms(
+    shape: Shape, kv_heads: int, device: torch.device, rounds: int = 5, calls: int = 10
+) -> tuple[float, float]:
+    """Median ms of causal attention forward + backward with `kv_heads` KV heads: K and V
+    expanded to every query head with repeat_interleave (what model.py did before), and sdpa's
+    enable_gqa, which reads each KV head in place. Interleaved, so load hits both alike."""
+    hs, group = shape.n_embd // shape.n_head, shape.n_head // kv_heads
+    B, T = shape.batch_size, shape.block_size
+    q = torch.randn(B, shape.n_head, T, hs, device=device, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, T, hs, device=device, requires_grad=True) for _ in "kv")
+
+    def copied() -> torch.Tensor:
+        k_all, v_all = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k_all, v_all, is_causal=True)
+
+    def grouped() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    times: dict[object, list[float]] = {copied: [], grouped: []}
+    for _ in range(rounds + 1):  # the first round warms up
+        for attend, spent in times.items():
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                attend().sum().backward()
+            synchronize(device)
+            spent.append(1000 * (time.perf_counter() - start) / calls)
+    return statistics.median(times[copied][1:]), statistics.median(times[grouped][1:])
+
+
 def cpu_effects(cfg: DictConfig, device: torch.device) -> list[tuple[str, float, float]]:
     """Plain-loop ms/step (median) and first-step seconds for fp32, bf16 autocast, compile."""
     rows = []
@@ -291,11 +324,6 @@ def cpu_effects(cfg: DictConfig, device: torch.device) -> list[tuple[str, float,
     return rows
 
 
-def measure_peak(device: torch.device, dtype: torch.dtype) -> float:
-    """The best of a few large-matmul measurements (the device's achievable peak)."""
-    return max(measure_matmul_flops(device, dtype) for _ in range(3))
-
-
 def spec_sheet(device: torch.device, dtype: torch.dtype) -> str:
     spec = get_available_flops(device, dtype) if device.type == "cuda" else None
     return f"; spec sheet (Lightning's table) {spec:.3g} FLOP/s" if spec else ""
@@ -309,13 +337,7 @@ def log(message: str) -> None:
 
 
 def machine() -> str:
-    model = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -373,8 +395,10 @@ def main() -> None:
     args.data_dir = args.data_dir.resolve()
     load_before = os.getloadavg()
 
-    dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
-    peak, source = (args.peak, "given") if args.peak else (measure_peak(device, dtype), "measured")
+    dtype = precision_dtype(args.precision)
+    peak, source = (
+        (args.peak, "given") if args.peak else (measure_matmul_flops(device, dtype), "measured")
+    )
     log(f"peak {peak:.3g} FLOP/s ({source}, {dtype})")
     results = [compare_paths(args, name, peak, device) for name in args.shapes]
 
@@ -406,7 +430,7 @@ def main() -> None:
 def extras(args, results: list[dict], device: torch.device) -> list[str]:
     """Loader, generation and (on CPUs) precision/compile sections, for all but `micro`
     (which only measures the fixed cost of a step)."""
-    loader_rows, gen_rows, effect_rows = [], [], []
+    loader_rows, gen_rows, gqa_rows, effect_rows = [], [], [], []
     for r in (r for r in results if r["shape"] != "micro"):
         cfg, consumed = r["cfg"], r["trainer"].tokens_per_sec
         for workers in (0, 2):
@@ -414,11 +438,17 @@ def extras(args, results: list[dict], device: torch.device) -> list[str]:
             rates = [f"{rate:,.0f}", f"{consumed:,.0f}", f"{rate / consumed:,.0f}x"]
             loader_rows.append([r["shape"], str(workers), *rates])
         model = build_model(cfg, instantiate(cfg.data.loader)).model.to(device)
+        # Learned positions end the context at block_size, and with it the cache: stay inside.
+        new_tokens = min(args.gen_tokens, model.config.block_size - 1)
         cached, uncached = (
-            generation_tokens_per_sec(model, device, args.gen_tokens, c) for c in (True, False)
+            generation_tokens_per_sec(model, device, new_tokens, c) for c in (True, False)
         )
         rates = [f"{cached:,.0f}", f"{uncached:,.0f}", f"{cached / uncached:.1f}x"]
-        gen_rows.append([r["shape"], str(args.gen_tokens), *rates])
+        gen_rows.append([r["shape"], str(new_tokens), *rates])
+        for kv_heads in sorted({1, SHAPES[r["shape"]].n_head // 2} - {0}):
+            copied, grouped = gqa_attention_ms(SHAPES[r["shape"]], kv_heads, device)
+            speed = [f"{copied:.2f}", f"{grouped:.2f}", f"{copied / grouped:.2f}x"]
+            gqa_rows.append([r["shape"], f"{SHAPES[r['shape']].n_head} / {kv_heads}", *speed])
         if device.type == "cpu":
             log(f"CPU effects on {r['shape']}:")
             for label, ms, first in cpu_effects(cfg, device):
@@ -427,7 +457,17 @@ def extras(args, results: list[dict], device: torch.device) -> list[str]:
     gen_header = ["shape", "new tokens", "KV cache tokens/s", "no cache tokens/s", "speed-up"]
     effect_header = ["shape", "setting", "ms/step (median)", "first step s (incl. compile)"]
     sections = ["", "## Data loader vs training consumption", "", table(loader_header, loader_rows)]
+    gqa_header = ["shape", "query / KV heads", "K, V copied ms", "enable_gqa ms", "speed-up"]
     sections += ["", "## Generation (batch 1, 1-token prompt)", "", table(gen_header, gen_rows)]
+    sections += [
+        "",
+        "## Grouped-query attention: K and V copied per query head vs sdpa's enable_gqa",
+        "",
+        "Causal sdpa, forward + backward, the shape's batch and context; median of 5 interleaved "
+        "rounds of 10 calls.",
+        "",
+        table(gqa_header, gqa_rows),
+    ]
     if effect_rows:
         title = "## bf16 autocast and torch.compile on CPU (plain loop)"
         sections += ["", title, "", table(effect_header, effect_rows)]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,9 @@ from gptlab.data.prepare import prepare_dataset
 # Tests never download: Hugging Face libraries fail fast instead of reaching for the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Measured CPU matmul peaks (for MFU) are cached per machine; tests keep theirs to themselves.
+os.environ["GPTLAB_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptlab-test-cache-")
+atexit.register(shutil.rmtree, os.environ["GPTLAB_CACHE_DIR"], ignore_errors=True)
 
 # A model small enough that a training step takes milliseconds on 2 cores.
 TINY_MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32"]

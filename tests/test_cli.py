@@ -70,3 +70,46 @@ def test_readme_starts_with_main_job_and_test_commands():
 def test_console_scripts_are_installed():
     for script in ("gptlab-prepare", "gptlab-train", "gptlab-generate"):
         assert shutil.which(script, path=str(Path(sys.executable).parent)), script
+
+
+NOTICES = (
+    "litlogger",  # Lightning's cloud-logger advertisement
+    "LeafSpec",  # torch's _pytree deprecation, triggered inside Lightning
+    "`IterableDataset` has `__len__`",
+)
+
+
+def test_train_console_shows_no_lightning_notices(tiny_data_dir, tmp_path):
+    script = Path(sys.executable).with_name("gptlab-train")
+    args = [
+        *TINY_MODEL,
+        f"data.dir={tiny_data_dir}",
+        "debug=fast_dev_run",
+        "callbacks.samples=null",
+    ]
+    proc = subprocess.run(
+        [str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    console = proc.stdout + proc.stderr
+    assert proc.returncode == 0, console
+    assert "val loss" in console  # gptlab's own lines still print
+    for notice in NOTICES:
+        assert notice not in console
+
+
+def test_quieting_the_notices_leaves_other_warnings_alone():
+    import warnings
+
+    from gptlab.training.console import quiet_known_notices
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quiet_known_notices()
+        for message, category in (
+            ("Your `IterableDataset` has `__len__` defined. ...", UserWarning),
+            ("some other problem", UserWarning),
+            ("`isinstance(treespec, LeafSpec)` is deprecated, use ...", FutureWarning),
+            ("another deprecation", FutureWarning),
+        ):
+            warnings.warn(message, category, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["some other problem", "another deprecation"]

@@ -101,6 +101,47 @@ def test_backends_agree(position, kv_heads, window, qk_norm):
             torch.testing.assert_close(out, outs[0], atol=1e-5, rtol=0)
 
 
+def as_multi_head(gqa: GPT) -> GPT:
+    """The MHA model that grouped-query attention stands for: every KV head's key and value rows
+    copied to each query head of its group (the definition, written independently of model.py's
+    attention code)."""
+    c = gqa.config
+    mha = GPT(GPTConfig(**{**c.to_dict(), "n_kv_heads": None}))
+    state = gqa.state_dict()
+    group, hs = c.n_head // c.kv_heads, c.head_size
+    for name in [k for k in state if k.endswith("attn.c_attn.weight") or k.endswith("c_attn.bias")]:
+        q, k, v = state[name].split([c.n_head * hs, c.kv_heads * hs, c.kv_heads * hs])
+        k, v = (
+            t.unflatten(0, (c.kv_heads, hs)).repeat_interleave(group, 0).flatten(0, 1)
+            for t in (k, v)
+        )
+        state[name] = torch.cat([q, k, v])
+    mha.load_state_dict(state)
+    return mha.eval()
+
+
+@pytest.mark.parametrize("kv_heads,window", [(2, None), (1, 5)])
+@pytest.mark.parametrize("position", POS)
+@pytest.mark.parametrize("attention", ATTNS)
+def test_grouped_query_attention_equals_mha_with_shared_kv_heads(
+    attention, position, kv_heads, window
+):
+    gqa = make(attention=attention, position=position, n_kv_heads=kv_heads, sliding_window=window)
+    mha = as_multi_head(gqa)
+    idx = tokens(12)
+    segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])  # a packed row and a whole one
+    with torch.no_grad():
+        torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            gqa(idx, segments=segments), mha(idx, segments=segments), atol=1e-5, rtol=0
+        )
+        cache = gqa.new_kv_cache()
+        steps = [gqa(idx[:, :4], kv_cache=cache)] + [
+            gqa(idx[:, t : t + 1], kv_cache=cache) for t in range(4, 12)
+        ]
+        torch.testing.assert_close(torch.cat(steps, dim=1), mha(idx), atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------- KV cache
 
 
@@ -267,10 +308,45 @@ def test_num_params_and_flops_hand_computed():
     assert body == 888
     assert model.num_params(non_embedding=True) == 888
     assert model.num_params() == 888 + 16 * d + 4 * d  # + token table + position table
-    # 3 * (2N + 2 * n_layer * T * d + 2 * d * V) = 3 * (1776 + 64 + 256)
-    assert model.flops_per_token() == 6288.0
-    assert model.flops_per_token(seq_len=8) == 6288.0 + 6 * 1 * 4 * d
-    assert make().flops_per_token() > 0
+
+
+def counted_training_flops(model: GPT, B: int = 2, T: int = 12) -> float:
+    """FLOPs of one real forward and backward pass per token, as torch's FlopCounterMode counts
+    the matmuls that ran: an independent check of `GPT.flops_per_token`."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model.train()
+    idx = tokens(T, B)
+    with FlopCounterMode(display=False) as counter:
+        model(idx).logsumexp(-1).mean().backward()
+    return counter.get_total_flops() / (B * T)
+
+
+FINETUNING = {
+    "full": {},
+    "lora": {"method": "lora"},
+    "lora_mlp": {"method": "lora", "lora": {"targets": ["*.mlp.*"]}},
+    "freeze_1": {"freeze_blocks": 1},
+    "freeze_all": {"freeze_blocks": 2},
+}
+
+
+@pytest.mark.parametrize("finetuning", FINETUNING)
+@pytest.mark.parametrize(
+    "variant", [{}, {"n_kv_heads": 2, "mlp": "swiglu", "bias": False}, {"tie_weights": False}]
+)
+def test_flops_per_token_counts_what_a_training_step_computes(variant, finetuning):
+    # Eager attention: its QK^T and AV are plain matmuls the counter sees.
+    model = make(attention="eager", **variant)
+    if finetuning:
+        from gptlab.training.finetune import FinetuneConfig, prepare_for_finetuning
+
+        prepare_for_finetuning(model, FinetuneConfig.from_dict(FINETUNING[finetuning]))
+    for T in (12, 16):
+        assert model.flops_per_token(seq_len=T) == pytest.approx(
+            counted_training_flops(model, T=T), rel=1e-9
+        )
+    assert model.flops_per_token() == model.flops_per_token(seq_len=TINY["block_size"])
 
 
 def test_init_scales_residual_projections():

@@ -149,6 +149,13 @@ def test_muon_with_adamw_steps_both_follows_schedule_and_resumes():
         twin_optimizer.load_state_dict(build_optimizer(twin, OptimizerConfig()).state_dict())
 
 
+def test_adamw_is_fused_unless_gradients_arrive_scaled():
+    model = GPT(GPTConfig(**TINY))
+    assert build_optimizer(model, OptimizerConfig()).defaults["fused"]  # CPU too: the fastest
+    scaled = build_optimizer(model, OptimizerConfig(), grad_scaler=True)  # 16-mixed
+    assert not scaled.defaults["fused"] and scaled.defaults["foreach"]
+
+
 def test_muon_config_is_validated():
     with pytest.raises(ValueError, match="muon_lr_adjust='orig'.*match_rms_adamw, original"):
         OptimizerConfig(name="muon", muon_lr_adjust="orig")

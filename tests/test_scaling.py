@@ -81,7 +81,8 @@ def test_plan_spends_the_budget_in_whole_steps():
     body = 2 * (12 * 64**2 + 13 * 64) + 2 * 64  # 2 blocks (weights, biases, norms) + final norm
     assert plan.non_embedding_params == body
     assert plan.params == body + 512 * 64 + 128 * 64  # + embedding + position table
-    assert plan.flops_per_token == 6 * body + 6 * 2 * 128 * 64 + 6 * 64 * 512
+    # 6 x the weight matrices (2 blocks of 12 d^2, the head) + attention's 12 n_layer T d.
+    assert plan.flops_per_token == 6 * 2 * 12 * 64**2 + 6 * 64 * 512 + 12 * 2 * 128 * 64
     assert plan.steps == int(1e12 // (plan.flops_per_token * 1024))
     assert plan.tokens == plan.steps * 1024
     assert 1e12 - plan.flops_per_token * 1024 < plan.flops <= 1e12
@@ -315,3 +316,16 @@ def test_analysis_fits_holds_out_plots_and_logs(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert "scaling/report/text_summary" in events.Tags()["tensors"]
     assert "scaling/isoflop" in events.Tags()["images"]
+
+
+def test_n_params_chooses_what_n_counts_in_approaches_2_and_3():
+    from gptlab.scaling.analyze import CSV_COLUMNS, runs_from_rows
+
+    sizes = [{"params": 100.0 * i, "non_embedding_params": 40.0 * i} for i in (1, 2)]
+    rows = [dict.fromkeys(CSV_COLUMNS, 1.0) | size for size in sizes]
+    assert runs_from_rows(rows).params.tolist() == [100.0, 200.0]
+    non_embedding = runs_from_rows(rows, "non_embedding")
+    assert non_embedding.params.tolist() == [40.0, 80.0]
+    assert non_embedding.non_embedding_params.tolist() == [40.0, 80.0]
+    with pytest.raises(ValueError, match=r"n_params='all'; expected one of \['non_embedding', "):
+        runs_from_rows(rows, "all")

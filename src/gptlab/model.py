@@ -412,8 +412,15 @@ class SDPAttention(nn.Module):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
     ) -> Tensor:
+        # enable_gqa: each KV head serves its group of query heads without copying K and V.
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=dropout_p,
+            is_causal=mask is None,
+            enable_gqa=k.size(1) != q.size(1),
         )
 
 
@@ -431,15 +438,23 @@ class EagerAttention(nn.Module):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
     ) -> Tensor:
-        Tq, Tk = q.size(-2), k.size(-2)
+        B, nh, Tq, hs = q.shape
+        n_kv, Tk = k.size(1), k.size(2)
         if mask is None:
             mask = torch.full((Tq, Tk), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
-        weights = F.softmax(scores + mask, dim=-1)  # (B, nh, Tq, Tk)
+        if mask.dim() > 2:  # ([B,] nh or 1, Tq, Tk): split the head axis as the queries below
+            head = mask.dim() - 3
+            mask = mask.unflatten(head, (n_kv, -1) if mask.size(head) == nh else (1, 1))
+        # Grouped-query attention: query heads as (n_kv, group), so that each group's scores
+        # broadcast against its one KV head instead of a copy per query head.
+        q = q.view(B, n_kv, nh // n_kv, Tq, hs)  # (B, n_kv, g, Tq, hs)
+        k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, n_kv, 1, Tk, hs)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, n_kv, g, Tq, Tk)
+        weights = F.softmax(scores + mask, dim=-1)  # (B, n_kv, g, Tq, Tk)
         if self.record is not None:
-            self.record.append(weights.detach())
+            self.record.append(weights.detach().flatten(1, 2))  # (B, nh, Tq, Tk)
         weights = F.dropout(weights, p=dropout_p)  # dropout_p is 0 outside training
-        return weights @ v  # (B, nh, Tq, hs)
+        return (weights @ v).flatten(1, 2)  # (B, nh, Tq, hs)
 
 
 class KVCache:
@@ -512,10 +527,7 @@ class CausalSelfAttention(nn.Module):
         q, k = position.rotate(q, k, pos)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv, Tk, hs)
-        if self.n_kv != self.n_head:
-            # Each KV head serves a contiguous group of query heads.
-            k = k.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, Tk, hs)
-            v = v.repeat_interleave(self.n_head // self.n_kv, dim=1)  # (B, nh, Tk, hs)
+        # With GQA k and v keep their n_kv heads: each serves a contiguous group of query heads.
         if mask is not None:
             mask = mask.to(q.dtype)  # sdpa wants the mask in the query's dtype (autocast)
         dropout_p = self.dropout if self.training else 0.0
@@ -653,25 +665,38 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (Kaplan et al. 2020, Table 1), for MFU:
+        """Training FLOPs per token, forward and backward, counted matmul by matmul, for MFU and
+        scaling-law budgets. The convention of PaLM (Chowdhery et al. 2022, appendix B) and
+        nanoGPT, `6 N + 12 n_layer T n_embd`:
 
-            forward  = 2 * N  +  2 * n_layer * seq_len * n_embd  +  2 * n_embd * vocab_size
-            training = 3 * forward          (the backward pass costs twice the forward)
+        - a weight matrix of n entries costs 2n per token forward, 2n backward for the gradient
+          of its input and 2n for its own gradient: 6n, over every matrix of the blocks and the
+          LM head (with its real width: a classifier's head has n_classes outputs);
+        - attention's QK^T and AV cost 2 T n_embd each forward per layer at context length T,
+          and twice that backward (the gradients of both operands): 12 n_layer T n_embd. The
+          causal mask's and a sliding window's savings are not subtracted: sdpa's masked kernels
+          and the eager path compute every score. T defaults to block_size; pass the batch's.
 
-        N = num_params(non_embedding=True). The middle term is attention's QK^T and AV at full
-        context (seq_len defaults to block_size; the causal and sliding-window savings are not
-        subtracted, matching the usual convention). The last term is the LM head matmul: Kaplan
-        drops it, but in small models it is a large share of all compute, so it is counted here,
-        with the head's real width (a classifier's head has n_classes outputs, not vocab_size).
+        Embedding lookups, norms, biases and softmax are not matmuls and are left out. Frozen
+        weights (LoRA, `finetune.freeze_blocks`) cost no weight gradient, and layers below every
+        trainable weight need no input gradient either: there only the forward counts.
         """
         c = self.config
         T = c.block_size if seq_len is None else seq_len
-        forward = (
-            2 * self.num_params(non_embedding=True)
-            + 2 * c.n_layer * T * c.n_embd
-            + 2 * c.n_embd * self.lm_head.out_features
-        )
-        return 3.0 * forward
+        counter = _TrainingFlops(grad=_trains(self.wte, self.position))
+        for block in self.blocks:
+            counter.grad |= _trains(block.norm_1)
+            counter.linear(block.attn.c_attn)
+            counter.grad |= _trains(block.attn.q_norm, block.attn.k_norm)
+            counter.attention(T, c.n_embd)
+            counter.linear(block.attn.c_proj)
+            counter.grad |= _trains(block.norm_2)
+            inputs = [m for name, m in block.mlp.named_children() if name != "c_proj"]
+            counter.parallel_linears(inputs)  # the MLP's input matrices all read x
+            counter.linear(block.mlp.c_proj)
+        counter.grad |= _trains(self.norm_f)
+        counter.linear(self.lm_head)
+        return counter.flops
 
     @torch.no_grad()
     def stream(
@@ -737,6 +762,38 @@ class GPT(nn.Module):
             )
         )
         return torch.cat([idx, *(t[:, None] for t in new)], dim=1)
+
+
+def _trains(*modules: nn.Module) -> bool:
+    return any(p.requires_grad for m in modules for p in m.parameters())
+
+
+class _TrainingFlops:
+    """Walks the matmuls of a forward pass in order (see `GPT.flops_per_token`). `grad` says
+    whether the gradient reaches the current point, i.e. whether any weight before it trains."""
+
+    def __init__(self, grad: bool) -> None:
+        self.grad = grad
+        self.flops = 0.0
+
+    def linear(self, layer: nn.Module) -> None:
+        self.parallel_linears([layer])
+
+    def parallel_linears(self, layers: list[nn.Module]) -> None:
+        """Layers that read the same input. Inside one layer the matrices form a chain (a LoRA
+        layer's B reads A's output), so a trainable matrix passes the gradient to the next."""
+        grad_out = self.grad
+        for layer in layers:
+            grad = self.grad
+            for weight in (p for p in layer.parameters() if p.ndim == 2):
+                self.flops += 2 * weight.numel() * (1 + grad + weight.requires_grad)
+                grad |= weight.requires_grad
+            grad_out |= grad
+        self.grad = grad_out
+
+    def attention(self, T: int, n_embd: int) -> None:
+        # QK^T and AV: 2 T n_embd each forward; backward, the gradients of both operands.
+        self.flops += 4 * T * n_embd * (1 + 2 * self.grad)
 
 
 def segment_positions(segments: Tensor) -> Tensor:

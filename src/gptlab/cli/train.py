@@ -28,6 +28,7 @@ from gptlab.training.checkpoint import (
     resolve_checkpoint,
     write_run_record,
 )
+from gptlab.training.console import quiet_known_notices
 from gptlab.training.finetune import build_finetune_module
 from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
@@ -108,6 +109,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     """Train as `cfg` says and return the final metrics. Every config error surfaces before the
     first step: the model, optimizer, schedule, data and Trainer are all built first.
     `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
+    quiet_known_notices()
     L.seed_everything(cfg.seed, workers=True)
     ensure_writable_dir(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)

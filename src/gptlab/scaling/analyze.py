@@ -108,13 +108,25 @@ def read_runs_csv(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def runs_from_rows(rows: list[dict[str, Any]]) -> Runs:
+# What N counts in approach 2 and 3 (Kaplan's law always uses non-embedding N): all parameters,
+# as Chinchilla does, or the transformer body without the token and position tables (Kaplan).
+N_CONVENTIONS = {"total": "params", "non_embedding": "non_embedding_params"}
+N_DESCRIPTIONS = {
+    "total": "all parameters, the token and position tables included (Chinchilla's convention)",
+    "non_embedding": "parameters without the token and position tables (Kaplan's convention)",
+}
+
+
+def runs_from_rows(rows: list[dict[str, Any]], n_params: str = "total") -> Runs:
+    if n_params not in N_CONVENTIONS:
+        raise ValueError(f"n_params={n_params!r}; expected one of {sorted(N_CONVENTIONS)}")
+
     def column(name: str) -> np.ndarray:
         return np.array([row[name] for row in rows], dtype=np.float64)
 
     return Runs(
         budget=column("budget"),
-        params=column("params"),
+        params=column(N_CONVENTIONS[n_params]),
         non_embedding_params=column("non_embedding_params"),
         tokens=column("tokens"),
         flops_per_token=column("flops_per_token"),
@@ -453,19 +465,23 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     matplotlib.use("Agg")
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    n_params = cfg.get("n_params", "total")
+    if n_params not in N_CONVENTIONS:  # before any work
+        raise ValueError(f"n_params={n_params!r}; expected one of {sorted(N_CONVENTIONS)}")
     if cfg.get("runs_csv"):
         rows, skipped = read_runs_csv(cfg.runs_csv), []
     else:
         rows, skipped = finished_rows(cfg.sweep_dir)
         write_runs_csv(rows, out_dir / "runs.csv")
-    runs = runs_from_rows(rows)
+    runs = runs_from_rows(rows, n_params)
     fits = fit_all(runs, cfg.starts)
     summary = fits.summary(float(runs.budgets.max()))  # tokens per parameter at the largest C
     intervals, failures = confidence_intervals(runs, fits, cfg.bootstrap, cfg.seed)
     held = holdout(runs, cfg.starts)
     largest = float(runs.budgets.max())
     report = "\n".join(
-        runs_table(rows, skipped)
+        [f"N in approaches 2 and 3: {N_DESCRIPTIONS[n_params]} (n_params={n_params}).", ""]
+        + runs_table(rows, skipped)
         + [""]
         + fits_table(fits, summary, intervals, failures, largest)
         + [""]
@@ -473,6 +489,7 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     )
     atomic_write_text(out_dir / "report.md", report)
     results = {
+        "n_params": n_params,
         "summary": summary,
         "intervals": intervals,
         "bootstrap": {"resamples": cfg.bootstrap, "failed": failures},

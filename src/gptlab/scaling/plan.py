@@ -2,11 +2,12 @@
 
 FLOP accounting is the model's own (`GPT.flops_per_token`): a training token costs
 
-    3 x (2 N_body  +  2 n_layer T n_embd  +  2 n_embd V)  =  6 N  +  attention
+    6 N  +  12 n_layer T n_embd        (PaLM's and nanoGPT's convention)
 
-where N = N_body + n_embd V counts the LM head matrix (the tied embedding), whose matmul is real
-compute, and T is the context length. A run with budget C trains for D = C / flops_per_token
-tokens, rounded down to whole optimizer steps, and records the C it actually spent.
+where N counts the weight matrices of the blocks and the LM head (the tied embedding), whose
+matmul is real compute, and T is the context length. A run with budget C trains for
+D = C / flops_per_token tokens, rounded down to whole optimizer steps, and records the C it
+actually spent.
 
 `ScalingRun` is what `gptlab-train` does with a config that has a `scaling` section (see
 configs/experiment/scaling_law.yaml): before training it fills in the model's depth and heads,

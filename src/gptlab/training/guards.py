@@ -10,6 +10,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from gptlab.training.scale import is_logging_step
+
 log = logging.getLogger(__name__)
 
 
@@ -83,9 +85,10 @@ class NonFiniteGuard(L.Callback):
         else:
             self.bad_streak = 0
             self._check_spike(trainer, loss)
-        pl_module.log("train/skipped_steps", float(self.skipped))
-        if self.spike_factor is not None:
-            pl_module.log("train/loss_spikes", float(self.spikes))
+        if is_logging_step(trainer, trainer.global_step + 1):  # the step about to be taken
+            pl_module.log("train/skipped_steps", float(self.skipped))
+            if self.spike_factor is not None:
+                pl_module.log("train/loss_spikes", float(self.spikes))
 
     def _skip(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, what: str) -> None:
         optimizer.zero_grad(set_to_none=True)

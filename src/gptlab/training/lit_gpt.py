@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
@@ -119,12 +120,33 @@ class LitGPT(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         check_optimizer_strategy(self.optimizer_config.name, self.trainer.strategy)
-        optimizer = build_optimizer(self.model, self.optimizer_config)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        optimizer = build_optimizer(self.model, self.optimizer_config, scaler is not None)
         scheduler = build_scheduler(optimizer, self.scheduler_config)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        # Under mixed precision Lightning refuses to clip for a fused optimizer, for fear of a
+        # GradScaler whose gradients are still scaled. bf16 has no scaler (and 16-mixed gets no
+        # fused optimizer, see configure_optimizers): the gradients are true, clip them here.
+        plugin = self.trainer.precision_plugin
+        if (
+            isinstance(plugin, MixedPrecision)
+            and plugin.scaler is None
+            and gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+        ):
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.tokenizer_json is not None:

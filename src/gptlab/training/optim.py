@@ -18,6 +18,7 @@ from gptlab.training.muon import MuonWithAdamW, hidden_matrices
 
 OPTIMIZERS = ("adamw", "muon")
 MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
+FUSED_DEVICES = ("cpu", "cuda", "xpu")  # where torch has a fused AdamW kernel
 SCHEDULERS = ("cosine", "linear", "constant")
 
 
@@ -116,28 +117,39 @@ def param_groups(
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, cfg: OptimizerConfig, grad_scaler: bool = False
+) -> torch.optim.Optimizer:
+    """`grad_scaler`: the gradients reach the optimizer scaled (16-mixed precision). A fused AdamW
+    would unscale them inside its step, after gradient clipping has seen them scaled, so it is
+    not used then."""
     if cfg.name == "muon":
-        return build_muon_adamw(model, cfg)
-    return build_adamw(model, cfg)
+        return build_muon_adamw(model, cfg, grad_scaler)
+    return build_adamw(model, cfg, grad_scaler=grad_scaler)
 
 
 def build_adamw(
-    model: nn.Module, cfg: OptimizerConfig, exclude: Sequence[nn.Parameter] = ()
+    model: nn.Module,
+    cfg: OptimizerConfig,
+    exclude: Sequence[nn.Parameter] = (),
+    grad_scaler: bool = False,
 ) -> torch.optim.AdamW:
-    # The fused kernel needs every parameter on an accelerator; elsewhere foreach is fastest.
-    on_accelerator = all(p.device.type in ("cuda", "xpu") for p in model.parameters())
+    # The fused kernel (CPU, CUDA, XPU) is the fastest: on a CPU, for the nano model, 1.2 ms per
+    # step against 6.7 ms for foreach and 3.3 ms for the per-tensor loop (1 thread).
+    fused = not grad_scaler and all(p.device.type in FUSED_DEVICES for p in model.parameters())
     return torch.optim.AdamW(
         param_groups(model, cfg.weight_decay, exclude),
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
-        fused=on_accelerator or None,
-        foreach=None if on_accelerator else True,
+        fused=fused or None,
+        foreach=None if fused else True,
     )
 
 
-def build_muon_adamw(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
+def build_muon_adamw(
+    model: nn.Module, cfg: OptimizerConfig, grad_scaler: bool = False
+) -> MuonWithAdamW:
     """Muon on the hidden matrices (with weight decay), AdamW on the rest."""
     matrices = hidden_matrices(model)
     muon = torch.optim.Muon(
@@ -147,7 +159,7 @@ def build_muon_adamw(model: nn.Module, cfg: OptimizerConfig) -> MuonWithAdamW:
         momentum=cfg.muon_momentum,
         adjust_lr_fn=cfg.muon_lr_adjust,
     )
-    return MuonWithAdamW(muon, build_adamw(model, cfg, exclude=matrices))
+    return MuonWithAdamW(muon, build_adamw(model, cfg, matrices, grad_scaler))
 
 
 def lr_factor(step: int, cfg: SchedulerConfig) -> float:
