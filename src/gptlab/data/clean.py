@@ -9,6 +9,7 @@ documents were already seen, in 8 bytes per document.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -83,13 +84,13 @@ def _chunks(blocks: Iterable[str], size: int) -> Iterator[str]:
 def _split_at(blocks: Iterable[str], boundary: re.Pattern, keep_match: bool) -> Iterator[str]:
     """The non-blank pieces between matches of `boundary` (with `keep_match`, each match opens
     the next piece). A match reaching the end of the text read so far may grow with the next
-    block, so it waits for more text."""
+    block, so it waits for more text (or the end)."""
     pending = ""
-    for block in blocks:
-        pending += block
+    for block in itertools.chain(blocks, [None]):
+        pending += block or ""
         start = 0
         for match in boundary.finditer(pending):
-            if match.end() == len(pending):
+            if block is not None and match.end() == len(pending):
                 break
             if pending[start : match.start()].strip():
                 yield pending[start : match.start()]

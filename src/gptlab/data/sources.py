@@ -389,10 +389,8 @@ def task_part(sizes: Sequence[int], task_index: int, num_tasks: int) -> range:
     total = sum(sizes)
     if total:
         starts = itertools.accumulate(sizes[:-1], initial=0)
-        owners = [
-            (2 * start + size) * num_tasks // (2 * total)
-            for start, size in zip(starts, sizes, strict=True)
-        ]
+        middles = (2 * start + size for start, size in zip(starts, sizes, strict=True))
+        owners = [min(num_tasks - 1, middle * num_tasks // (2 * total)) for middle in middles]
     else:
         owners = [i * num_tasks // len(sizes) for i in range(len(sizes))]
     first = sum(owner < task_index for owner in owners)
