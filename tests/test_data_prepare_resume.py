@@ -143,3 +143,18 @@ def test_coverage_counts_unknown_tokens(tmp_path):
     assert (tokens == unknown).sum() == 3
     assert manifest["tokenizer_stats"]["coverage"] == {"train": 1.0, "val": 1 - 3 / val["tokens"]}
     assert manifest["tokenizer"]["kind"] == "char"
+
+
+def test_documents_changed_before_the_resume_point_start_over(tmp_path, monkeypatch, reference):
+    """With a given tokenizer the settings cannot tell: the replay's hash chain does."""
+    ref_dir, _ = reference
+    given = {"tokenizer_path": str(ref_dir / "tokenizer.json")}
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(Interrupted):
+        run(DOCS, tmp_path / "out", **given)
+    changed = [*DOCS[:3], DOCS[3] + " changed", *DOCS[4:]]
+    second_run = record_writes(monkeypatch)
+    run(changed, tmp_path / "out", **given)
+    assert second_run[0].name == "shard_00000.bin"
+    run(changed, tmp_path / "fresh", **given)
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "fresh")
