@@ -63,6 +63,21 @@ def write_corpus(folder: Path, megabytes: float, seed: int = 0) -> str:
     return str(folder / "*.txt")
 
 
+def prepare_command(pattern: str, out: Path, hydra_dir: Path, *overrides: str) -> list[str]:
+    """gptlab-prepare on the paragraphs of the files `pattern` matches, into `out`."""
+    return [
+        sys.executable,
+        "-c",
+        "from gptlab.cli.prepare import main; main()",
+        "data=text_files",
+        f"data.paths=[{pattern}]",
+        "data.document_split=paragraph",
+        f"data.dir={out}",
+        f"hydra.run.dir={hydra_dir}",
+        *overrides,
+    ]
+
+
 def raw_encode(pattern: str, tokenizer_path: str) -> None:
     """(a): read each file, split it into paragraphs as prepare does, encode them."""
     import glob
@@ -170,22 +185,8 @@ def _compare(work: Path, pattern: str, megabytes: float, num_proc: int, tokenize
         env["TOKENIZERS_PARALLELISM"] = "false"
     raw = measure([sys.executable, __file__, "--raw", pattern, tokenizer], env)
     out = work / f"prepared_{num_proc}"
-    prepare = measure(
-        [
-            sys.executable,
-            "-c",
-            "from gptlab.cli.prepare import main; main()",
-            "data=text_files",
-            f"data.paths=[{pattern}]",
-            "data.document_split=paragraph",
-            f"data.num_proc={num_proc}",
-            f"tokenizer.path={tokenizer}",
-            f"data.dir={out}",
-            f"hydra.run.dir={work / 'hydra'}",
-            "force=true",
-        ],
-        env,
-    )
+    command = prepare_command(pattern, out, work / "hydra", f"data.num_proc={num_proc}")
+    prepare = measure([*command, f"tokenizer.path={tokenizer}", "force=true"], env)
     return {"mb": megabytes, "num_proc": num_proc, "raw": raw, "prepare": prepare}
 
 

@@ -230,21 +230,16 @@ def test_peak_memory_stays_far_below_what_holding_the_corpus_took(tmp_path):
     """12 MB of text: the code that held every document and Encoding peaked at ~1 GB on 20 MB
     of this text (measured: 1013 MB, 40x the corpus); streaming needs the interpreter, the
     tokenizer and a few batches (measured: ~140 MB on 20 MB)."""
-    from benchmarks.bench_prepare import measure, write_corpus
+    from benchmarks.bench_prepare import measure, prepare_command, write_corpus
 
     pattern = write_corpus(tmp_path / "corpus", 12, seed=2)
-    command = [
-        sys.executable,
-        "-c",
-        "from gptlab.cli.prepare import main; main()",
-        "data=text_files",
-        f"data.paths=[{pattern}]",
-        "data.document_split=paragraph",
+    command = prepare_command(
+        pattern,
+        tmp_path / "out",
+        tmp_path / "hydra",
         "data.num_proc=1",  # everything in one process, which getrusage then measures
         "tokenizer.train_bytes=3000000",
-        f"data.dir={tmp_path / 'out'}",
-        f"hydra.run.dir={tmp_path / 'hydra'}",
-    ]
+    )
     peak = measure(command, os.environ | {"PYTHONPATH": str(REPO)})
     manifest = load_manifest(tmp_path / "out")
     assert sum(split["bytes"] for split in manifest["splits"].values()) > 11e6

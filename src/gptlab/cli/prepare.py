@@ -17,7 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
 from gptlab.data.clean import Cleaning, DocumentSplit
-from gptlab.data.prepare import load_manifest, merge_tasks, prepare_dataset, prepared_manifest
+from gptlab.data.manifest import load_manifest, merge_tasks
+from gptlab.data.prepare import prepare_dataset, prepared_manifest
 from gptlab.data.sources import Source
 
 

@@ -40,8 +40,8 @@ and encoding continues; the result is identical to an uninterrupted run.
 
 Tasks. With `num_tasks` > 1, task `task_index` prepares only its contiguous part of the corpus
 (see `gptlab.data.sources.Source.documents`) into ``task_<i>-of-<n>/``, with a
-``task_manifest.json`` instead of a manifest; `merge_tasks` then writes one ``manifest.json``
-over all of them. Every task trains the same tokenizer, from the sample of the whole corpus.
+``task_manifest.json`` instead of a manifest; `gptlab.data.manifest.merge_tasks` then writes one
+``manifest.json`` over all of them. Every task trains the same tokenizer, from the sample of the whole corpus.
 """
 
 from __future__ import annotations
@@ -67,11 +67,19 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from gptlab import __version__
 from gptlab.data.clean import Cleaning, DigestSet, digest
 from gptlab.data.errors import DataError
 from gptlab.data.fileio import atomic_write, atomic_write_text, ensure_writable_dir
-from gptlab.data.shards import ShardBuilder, ShardError, dtype_for_vocab, read_header, read_shard
+from gptlab.data.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    TASK_MANIFEST_NAME,
+    TOKENIZER_NAME,
+    complete_manifest,
+    task_dir,
+)
+from gptlab.data.manifest import load_manifest as load_manifest  # where older code finds it
+from gptlab.data.shards import ShardBuilder, ShardError, dtype_for_vocab, read_header
 from gptlab.data.sources import Source, task_part
 from gptlab.data.tokenizer import (
     eot_id,
@@ -79,17 +87,11 @@ from gptlab.data.tokenizer import (
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
-    unk_id,
 )
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-TASK_MANIFEST_NAME = "task_manifest.json"
-TOKENIZER_NAME = "tokenizer.json"
 JOURNAL_NAME = "prepare_progress.json"
-MANIFEST_VERSION = 1
-SPLITS = ("train", "val")
 
 DEFAULT_TRAIN_BYTES = 100_000_000
 DEFAULT_BATCH_CHARS = 1_000_000
@@ -129,7 +131,7 @@ def prepare_dataset(
     `min_frequency` and `train_bytes` do not apply. `max_documents` keeps the first that many
     documents left after cleaning. With `resume`, an interrupted run of the same job
     continues (see the module docstring); otherwise everything is redone. With `num_tasks` >
-    1 this prepares task `task_index`'s part into its own folder (see `merge_tasks`) and
+    1 this prepares task `task_index`'s part into its own folder (see `manifest.merge_tasks`) and
     returns its task manifest.
     """
     job = _Job(
@@ -211,22 +213,11 @@ def prepare_dataset(
     }
     if num_tasks > 1:
         manifest["task"] = {"index": task_index, "count": num_tasks}
-    manifest = _complete_manifest(out, manifest, tokenizer)
+    manifest = complete_manifest(out, manifest, tokenizer)
     atomic_write_text(_manifest_path(out, num_tasks), json.dumps(manifest, indent=2) + "\n")
     journal.finish()
     _remove_stale_shards(out, manifest)
     return manifest
-
-
-def task_dir(out_dir: str | Path, num_tasks: int, task_index: int) -> Path:
-    """Where task `task_index` of `num_tasks` writes: `out_dir` itself for a single task."""
-    if num_tasks < 1 or not 0 <= task_index < num_tasks:
-        raise ValueError(
-            f"need data.num_tasks >= 1 and data.task_index in [0, num_tasks), "
-            f"got num_tasks={num_tasks}, task_index={task_index}"
-        )
-    out = Path(out_dir)
-    return out if num_tasks == 1 else out / f"task_{task_index:05d}-of-{num_tasks:05d}"
 
 
 def prepared_manifest(out_dir: str | Path, num_tasks: int = 1, task_index: int = 0) -> Path:
@@ -236,144 +227,6 @@ def prepared_manifest(out_dir: str | Path, num_tasks: int = 1, task_index: int =
 
 def _manifest_path(out: Path, num_tasks: int) -> Path:
     return out / (MANIFEST_NAME if num_tasks == 1 else TASK_MANIFEST_NAME)
-
-
-def merge_tasks(out_dir: str | Path, num_tasks: int) -> dict[str, Any]:
-    """Write one ``manifest.json`` in `out_dir` over the shards of its `num_tasks` prepared
-    tasks (in task order, so the token streams are those of a single task), and return it."""
-    if num_tasks < 2:
-        raise ValueError(f"merging needs data.num_tasks >= 2, got {num_tasks}")
-    out = Path(out_dir)
-    parts = []
-    for index in range(num_tasks):
-        folder = task_dir(out, num_tasks, index)
-        path = folder / TASK_MANIFEST_NAME
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist: task {index} of {num_tasks} has not finished; run "
-                f"gptlab-prepare data.num_tasks={num_tasks} data.task_index={index} first"
-            )
-        parts.append((folder, json.loads(path.read_text(encoding="utf-8"))))
-    first_folder, first = parts[0]
-    for folder, part in parts[1:]:
-        if part["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
-            raise DataError(
-                f"{folder / TOKENIZER_NAME} differs from {first_folder / TOKENIZER_NAME}: the "
-                "tasks were prepared with different tokenizers or settings; rerun them alike"
-            )
-    splits = {
-        name: {
-            key: sum(part["splits"][name][key] for _, part in parts)
-            for key in ("documents", "tokens", "bytes")
-        }
-        | {
-            "shards": [
-                shard | {"file": f"{folder.name}/{shard['file']}"}
-                for folder, part in parts
-                for shard in part["splits"][name]["shards"]
-            ]
-        }
-        for name in SPLITS
-    }
-    if not splits["val"]["shards"]:
-        raise DataError(
-            f"no document of the {num_tasks} tasks in {out} went to the val split; "
-            "raise val_fraction, or prepare this small corpus in one task"
-        )
-    (out / MANIFEST_NAME).unlink(missing_ok=True)
-    with atomic_write(out / TOKENIZER_NAME) as f:
-        f.write((first_folder / TOKENIZER_NAME).read_bytes())
-    manifest = {key: first[key] for key in ("source", "tokenizer", "val_fraction", "split")}
-    manifest["dropped"] = {
-        key: sum(part["dropped"][key] for _, part in parts) for key in first["dropped"]
-    }
-    manifest["tasks"] = num_tasks
-    manifest["splits"] = splits
-    manifest = _complete_manifest(out, manifest, load_tokenizer(out / TOKENIZER_NAME))
-    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
-    return manifest
-
-
-def _complete_manifest(out: Path, manifest: dict[str, Any], tokenizer: Tokenizer) -> dict:
-    """`manifest` with the fields every manifest has: version, vocabulary, token statistics."""
-    vocab = tokenizer.get_vocab_size()
-    splits = manifest["splits"]
-    counts = {name: _token_counts(out, splits[name]["shards"], vocab) for name in SPLITS}
-    return {
-        "format_version": MANIFEST_VERSION,
-        "created_with": f"gptlab {__version__}",
-        **manifest,
-        "vocab_size": vocab,
-        "eot_id": eot_id(tokenizer),
-        "dtype": dtype_for_vocab(vocab).name,
-        "unigram_entropy": unigram_entropy(counts["train"]),  # nats per token, train split
-        "tokenizer_stats": tokenizer_stats(splits, counts, unk_id(tokenizer)),
-    }
-
-
-def unigram_entropy(counts: np.ndarray) -> float:
-    """Entropy in nats of the token frequency distribution `counts`: -sum p log p.
-
-    The loss of a model that ignores context entirely; a trained LM should beat it clearly.
-    """
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def tokenizer_stats(
-    splits: dict[str, dict[str, Any]], counts: dict[str, np.ndarray], unknown_id: int | None
-) -> dict[str, Any]:
-    """How well the tokenizer fits the data.
-
-    bytes_per_token: UTF-8 bytes of text per token (end-of-text tokens included), per split;
-    coverage: the share of tokens that are not the unknown token, per split (1.0 for
-    byte-level BPE, which has none); vocab_used: the share of the vocabulary that occurs in
-    the train split (low values mean a vocabulary too large for the corpus).
-    """
-    train_counts = counts["train"]
-    return {
-        "bytes_per_token": {
-            name: split["bytes"] / split["tokens"] for name, split in splits.items()
-        },
-        "coverage": {
-            name: 1.0 if unknown_id is None else 1.0 - counts[name][unknown_id] / split["tokens"]
-            for name, split in splits.items()
-        },
-        "vocab_used": float((train_counts > 0).sum() / len(train_counts)),
-    }
-
-
-def load_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """Read and sanity-check ``manifest.json`` of a prepared data directory."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"data directory {data_dir} does not exist; run gptlab-prepare first"
-        )
-    path = data_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} in {data_dir}; run gptlab-prepare first "
-            "(an interrupted prepare leaves none)"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); re-run gptlab-prepare") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: expected a JSON object; re-run gptlab-prepare")
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise DataError(
-            f"{path}: format_version {manifest.get('format_version')!r}, but this gptlab reads "
-            f"version {MANIFEST_VERSION}; re-run gptlab-prepare"
-        )
-    for key in ("tokenizer", "vocab_size", "eot_id", "dtype", "splits"):
-        if key not in manifest:
-            raise DataError(f"{path}: missing key {key!r}; re-run gptlab-prepare")
-    for split in SPLITS:
-        if not manifest["splits"].get(split, {}).get("shards"):
-            raise DataError(f"{path}: split {split!r} lists no shards; re-run gptlab-prepare")
-    return manifest
 
 
 # ── the documents and the split ──────────────────────────────────────────────────────────
@@ -952,14 +805,6 @@ def _write_tokenizer(tokenizer: Tokenizer, given_path: str | None, target: Path)
         # Copy the bytes rather than re-serialising, so the sha256 matches the given file.
         with atomic_write(target) as f:
             f.write(Path(given_path).read_bytes())
-
-
-def _token_counts(out: Path, shards: list[dict[str, Any]], vocab_size: int) -> np.ndarray:
-    """How often each token id occurs in `shards`, read back from the files."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for shard in shards:
-        counts += np.bincount(read_shard(out / shard["file"]), minlength=vocab_size)
-    return counts
 
 
 def _remove_stale_shards(out: Path, manifest: dict[str, Any]) -> None:
