@@ -41,7 +41,8 @@ and encoding continues; the result is identical to an uninterrupted run.
 Tasks. With `num_tasks` > 1, task `task_index` prepares only its contiguous part of the corpus
 (see `gptlab.data.sources.Source.documents`) into ``task_<i>-of-<n>/``, with a
 ``task_manifest.json`` instead of a manifest; `gptlab.data.manifest.merge_tasks` then writes one
-``manifest.json`` over all of them. Every task trains the same tokenizer, from the sample of the whole corpus.
+``manifest.json`` over all of them. Every task trains the same tokenizer, from the sample of
+the whole corpus.
 """
 
 from __future__ import annotations
