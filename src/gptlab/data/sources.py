@@ -59,6 +59,12 @@ def builtin_corpus(include_site_packages: bool = False) -> list[str]:
     return _run_corpus_script(include_site_packages)
 
 
+@functools.cache
+def _builtin_texts(include_site_packages: bool) -> tuple[str, ...]:
+    """`builtin_corpus`, collected once per process: prepare reads a corpus several times."""
+    return tuple(builtin_corpus(include_site_packages))
+
+
 def builtin_docstring_records(include_site_packages: bool = False) -> list[tuple[str, str, str]]:
     """(module, qualified name, docstring) behind every docstring of `builtin_corpus`, in walk
     order, repeats included (the same text can be found in several places). Finetuning tasks
@@ -340,7 +346,7 @@ class Source:
     def _texts(self, task_index: int, num_tasks: int) -> Iterator[Iterable[str]]:
         """Each text of the source (of this task) as consecutive blocks."""
         if self.kind == "builtin":
-            texts = builtin_corpus(self.include_site_packages)
+            texts = _builtin_texts(self.include_site_packages)
             part = task_part([len(text) for text in texts], task_index, num_tasks)
             yield from ([texts[i]] for i in part)
         elif self.kind == "hf":
