@@ -96,6 +96,28 @@ def test_a_one_file_corpus_prepares_with_the_defaults(tmp_path, monkeypatch):
     )
 
 
+def test_tasks_with_nothing_or_no_val_document_merge_all_the_same(tmp_path):
+    """3 tasks over 2 files: one task gets no file; a small one likely no val document."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = synthetic_documents(330)
+    (corpus / "big.txt").write_text("\n\n".join(docs[:300]))
+    (corpus / "small.txt").write_text("\n\n".join(docs[300:]))
+    pattern = str(corpus / "*.txt")
+    single = prepare_cli(cli_config(tmp_path / "one", pattern))
+    parts = [
+        prepare_cli(
+            cli_config(tmp_path / "three", pattern, "data.num_tasks=3", f"data.task_index={i}")
+        )
+        for i in range(3)
+    ]
+    assert min(part["splits"]["train"]["documents"] for part in parts) == 0
+    merged = prepare_cli(cli_config(tmp_path / "three", pattern, "data.num_tasks=3", "merge=true"))
+    for split in ("train", "val"):
+        one = stream(single_dir(tmp_path / "one"), single, split)
+        assert np.array_equal(one, stream(single_dir(tmp_path / "three"), merged, split))
+
+
 def test_merge_names_a_missing_task(tmp_path):
     pattern = write_corpus(tmp_path / "corpus", 120)
     prepare_cli(cli_config(tmp_path, pattern, "data.num_tasks=2", "data.task_index=0"))

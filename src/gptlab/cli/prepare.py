@@ -104,6 +104,9 @@ def print_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
         f"{'bytes/token':>12} {'coverage':>9}"
     )
     for name, split in manifest["splits"].items():
+        if not split["tokens"]:  # one task's part may hold no document of a split
+            print(f"{name:<6} {0:>10} {0:>8.2f} {0:>12} {0:>7} {'-':>12} {'-':>9}")
+            continue
         print(
             f"{name:<6} {split['documents']:>10,} {split['bytes'] / 1e6:>8.2f} "
             f"{split['tokens']:>12,} {len(split['shards']):>7} "

@@ -124,15 +124,21 @@ def tokenizer_stats(
     bytes_per_token: UTF-8 bytes of text per token (end-of-text tokens included), per split;
     coverage: the share of tokens that are not the unknown token, per split (1.0 for
     byte-level BPE, which has none); vocab_used: the share of the vocabulary that occurs in
-    the train split (low values mean a vocabulary too large for the corpus).
+    the train split (low values mean a vocabulary too large for the corpus). A split without
+    tokens (possible in one task's part of a corpus) has None for both.
     """
+
+    def share(name: str, count: float) -> float | None:
+        tokens = splits[name]["tokens"]
+        return count / tokens if tokens else None
+
     train_counts = counts["train"]
     return {
-        "bytes_per_token": {
-            name: split["bytes"] / split["tokens"] for name, split in splits.items()
-        },
+        "bytes_per_token": {name: share(name, split["bytes"]) for name, split in splits.items()},
         "coverage": {
-            name: 1.0 if unknown_id is None else 1.0 - counts[name][unknown_id] / split["tokens"]
+            name: 1.0
+            if unknown_id is None
+            else share(name, split["tokens"] - counts[name][unknown_id])
             for name, split in splits.items()
         },
         "vocab_used": float((train_counts > 0).sum() / len(train_counts)),
