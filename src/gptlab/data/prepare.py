@@ -511,6 +511,10 @@ class _Encoder:
         if self.resume_at.items:
             log.info("resuming after %d documents", self.resume_at.kept)
         batches = self._batches(batch_chars)
+        first = list(itertools.islice(batches, 2))
+        if len(first) < 2:
+            num_proc = 1  # one batch in all: workers would only add their start-up time
+        batches = itertools.chain(first, batches)
         bar = tqdm(desc="preparing", unit="doc", disable=not progress)
         try:
             with bar, _pool(num_proc, self.tokenizer_json, self.job.cleaning) as submit:
