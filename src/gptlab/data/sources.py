@@ -5,9 +5,8 @@ A `Source` streams the raw texts of one of them, cut into documents by a
 `gptlab.data.clean.DocumentSplit`, optionally only the part that belongs to one task of several
 (`Source.documents`); `gptlab.data.prepare.prepare_dataset` cleans and tokenizes that stream.
 `load_documents` returns the cleaned documents as a list, for small corpora. Parquet needs
-`pyarrow` and Hugging Face
-datasets need `datasets` (the optional extras ``gptlab[parquet]`` and ``gptlab[hf]``); both are
-imported only when such a source is read.
+`pyarrow` and Hugging Face datasets need `datasets` (the optional extras ``gptlab[parquet]``
+and ``gptlab[hf]``); both are imported only when such a source is read.
 """
 
 from __future__ import annotations
@@ -29,11 +28,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from gptlab.data.clean import (
-    Cleaning,
-    DocumentSplit,
-    check_choice,
-)
+from gptlab.data.clean import Cleaning, DocumentSplit, check_choice
 from gptlab.data.errors import DataError
 
 log = logging.getLogger(__name__)
