@@ -12,7 +12,7 @@ process tree (sum over processes, polled from /proc every 0.1 s). Then, from the
 MB/s per core of the largest run, the time FineWeb-Edu's 10BT sample (~45 GB of text) would
 take on 16 and 64 cores, if the rate per core held.
 
-    python benchmarks/bench_prepare.py                       # 25, 100, 400 MB; num_proc 1, 2
+    python benchmarks/bench_prepare.py                       # 20, 80, 320 MB; num_proc 1, 2
     python benchmarks/bench_prepare.py --sizes 5 --num-proc 1 2 --out /tmp/prepare.md
 """
 
@@ -44,15 +44,15 @@ def write_corpus(folder: Path, megabytes: float, seed: int = 0) -> str:
     syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"] + ["the", "and", "ing"]
     lengths = rng.integers(1, 4, 30_000)
     words = np.array(["".join(rng.choice(syllables, n)) for n in lengths])
-    weights = 1.0 / np.arange(1, len(words) + 1)
-    weights /= weights.sum()
+    zipf = np.cumsum(1.0 / np.arange(1, len(words) + 1))
+    zipf /= zipf[-1]
     folder.mkdir(parents=True, exist_ok=True)
     target = int(megabytes * 1e6)
     written, index = 0, 0
     while written < target:
         paragraphs, size = [], 0
         while size < min(FILE_MB * 1e6, target - written):
-            draw = rng.choice(words, rng.integers(50, 1500), p=weights)
+            draw = words[np.searchsorted(zipf, rng.random(rng.integers(50, 1500)))]
             paragraph = " ".join(draw).capitalize() + "."
             paragraphs.append(paragraph)
             size += len(paragraph) + 2
@@ -143,7 +143,7 @@ def _tree_rss(root: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", type=float, nargs="+", default=[25, 100, 400], help="MB")
+    parser.add_argument("--sizes", type=float, nargs="+", default=[20, 80, 320], help="MB")
     parser.add_argument("--num-proc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temp folder")
