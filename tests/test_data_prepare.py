@@ -1,3 +1,4 @@
+import hashlib
 import json
 import math
 import random
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptlab.data.errors import DataError
-from gptlab.data.prepare import load_manifest, prepare_dataset, split_documents
+from gptlab.data.prepare import load_manifest, prepare_dataset
 from gptlab.data.shards import read_header, read_shard
 from gptlab.data.tokenizer import EOT_TOKEN, file_sha256, load_tokenizer
 
@@ -14,10 +15,26 @@ WORDS = ["the", "a", "model", "token", "data", "loss", "batch", "learns", "next"
 
 
 def synthetic_documents(count=300, seed=0):
+    """`count` different documents of random words."""
     rng = random.Random(seed)
     return [
-        " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "." for _ in range(count)
+        f"{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "."
+        for i in range(count)
     ]
+
+
+def goes_to_val(doc, val_fraction):
+    """The hash split, written out from its definition: BLAKE2b-64 of the UTF-8 text, read
+    little-endian, below val_fraction of 2^64."""
+    key = int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "little")
+    return key < val_fraction * 2**64
+
+
+def split_by_hash(docs, val_fraction):
+    return (
+        [d for d in docs if not goes_to_val(d, val_fraction)],
+        [d for d in docs if goes_to_val(d, val_fraction)],
+    )
 
 
 def prepare(docs, out_dir, **kwargs):
@@ -44,16 +61,29 @@ def test_manifest_fields(prepared):
     assert manifest["format_version"] == 1
     assert manifest["created_with"].startswith("gptlab ")
     assert manifest["source"] == "synthetic"
+    train_docs, val_docs = split_by_hash(synthetic_documents(), 0.1)
+    sample = "".join(
+        len(d.encode()).to_bytes(8, "little").decode("latin-1") + d for d in train_docs
+    )
     assert manifest["tokenizer"] == {
         "file": "tokenizer.json",
         "sha256": file_sha256(out_dir / "tokenizer.json"),
         "kind": "bpe",
+        "sample": {
+            "method": "first 100,000,000 bytes of the train split",
+            "documents": len(train_docs),
+            "bytes": sum(len(d.encode()) for d in train_docs),
+            "sha256": hashlib.sha256(sample.encode("latin-1")).hexdigest(),
+        },
     }
+    assert manifest["split"] == {"method": "hash", "val_fraction": 0.1}
+    assert manifest["dropped"] == {"empty": 0, "duplicate": 0}
     assert manifest["vocab_size"] == tokenizer.get_vocab_size() <= 300
     assert manifest["eot_id"] == tokenizer.token_to_id(EOT_TOKEN)
     assert manifest["dtype"] == "uint16"
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
-    assert (train["documents"], val["documents"]) == (270, 30)
+    assert (train["documents"], val["documents"]) == (len(train_docs), len(val_docs))
+    assert 10 < len(val_docs) < 50  # 30 expected
     assert train["bytes"] + val["bytes"] == sum(len(d.encode()) for d in synthetic_documents())
 
 
@@ -71,7 +101,7 @@ def test_shards_hold_the_split_stream(prepared, split):
         assert (header.num_tokens, header.vocab_size) == (shard["tokens"], manifest["vocab_size"])
 
     tokenizer = load_tokenizer(out_dir / "tokenizer.json")
-    train_docs, val_docs = split_documents(docs, 0.1)
+    train_docs, val_docs = split_by_hash(docs, 0.1)
     expected = [
         token
         for doc in (train_docs if split == "train" else val_docs)
@@ -88,28 +118,58 @@ def test_unigram_entropy_of_train_tokens(prepared):
     assert 0 < manifest["unigram_entropy"] < math.log(manifest["vocab_size"])
 
 
-def test_split_every_kth_document():
-    docs = [str(i) for i in range(25)]
-    train, val = split_documents(docs, 0.1)
-    assert val == ["9", "19"] and len(train) == 23
-    assert split_documents(["a", "b", "c"], 0.1) == (["a", "b"], ["c"])
-    with pytest.raises(DataError, match="at least 2 documents"):
-        split_documents(["only one"], 0.1)
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_documents(docs, 0.0)
+def test_the_split_of_a_document_does_not_depend_on_its_place(prepared, tmp_path):
+    docs, out_dir, manifest = prepared
+    shuffled = random.Random(1).sample(docs, len(docs))
+    other = prepare(shuffled, tmp_path, tokenizer_path=str(out_dir / "tokenizer.json"))
+    tokenizer = load_tokenizer(out_dir / "tokenizer.json")
+    val_docs = split_by_hash(shuffled, 0.1)[1]
+    expected = [t for doc in val_docs for t in [*tokenizer.encode(doc).ids, manifest["eot_id"]]]
+    assert split_stream(tmp_path, other, "val").tolist() == expected
+    assert other["splits"]["val"]["documents"] == manifest["splits"]["val"]["documents"]
 
 
-def test_tokenizer_sees_only_the_train_split(tmp_path):
-    docs = synthetic_documents(100)
-    for i in range(9, 100, 10):  # exactly the val documents
-        docs[i] += " zyzzyva zyzzyva zyzzyva zyzzyva"
-    prepare(docs, tmp_path)
+def test_a_small_corpus_is_split_by_position(tmp_path):
+    """nanoGPT's split: the last val_fraction of the text is val, cut mid-document."""
+    text = "\n\n".join(synthetic_documents(40))  # one file holding the whole corpus
+    manifest = prepare([text], tmp_path, val_fraction=0.1)
+    cut = len(text) - round(0.1 * len(text))
+    assert manifest["split"] == {"method": "position", "val_from_char": cut}
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
+    eot = manifest["eot_id"]
+    for split, part in (("train", text[:cut]), ("val", text[cut:])):
+        assert split_stream(tmp_path, manifest, split).tolist() == [
+            *tokenizer.encode(part).ids,
+            eot,
+        ]
+    assert manifest["tokenizer"]["sample"]["bytes"] == cut  # the tokenizer saw no val text
+
+
+def test_tokenizer_sample_is_the_first_train_bytes(tmp_path):
+    docs = synthetic_documents(300)
+    train_docs = split_by_hash(docs, 0.1)[0]
+    late = [i for i, d in enumerate(docs) if d == train_docs[-1]][0]
+    docs[late] += " zyzzyva" * 20  # a train document far beyond the sample
+    manifest = prepare(docs, tmp_path, train_bytes=2000)
+    sample = manifest["tokenizer"]["sample"]
+    assert sample["bytes"] == 2000
+    sizes = np.cumsum([len(d.encode()) for d in train_docs])
+    assert sample["documents"] == int(np.searchsorted(sizes, 2000)) + 1
     vocab = load_tokenizer(tmp_path / "tokenizer.json").get_vocab()
     assert not any("zyzz" in token for token in vocab)
 
 
+def test_duplicates_are_dropped_and_counted(tmp_path):
+    docs = synthetic_documents(200)
+    with_copies = [docs[0], *docs, docs[5], docs[7], docs[5]]
+    manifest = prepare(with_copies, tmp_path, tokenizer_path=None)
+    reference = prepare(docs, tmp_path / "ref")
+    assert manifest["dropped"] == {"empty": 0, "duplicate": 4}
+    assert manifest["splits"] == reference["splits"]
+
+
 def test_literal_eot_text_does_not_split_documents(tmp_path):
-    docs = [f"before {EOT_TOKEN} after"] * 10 + ["plain text"] * 10
+    docs = [f"{i} before {EOT_TOKEN} after" for i in range(10)] + synthetic_documents(10)
     manifest = prepare(docs, tmp_path, val_fraction=0.5)
     train = split_stream(tmp_path, manifest, "train")
     assert (train == manifest["eot_id"]).sum() == manifest["splits"]["train"]["documents"]
@@ -135,9 +195,11 @@ def test_out_dir_not_writable_fails_before_work(tmp_path):
         prepare(synthetic_documents(10), blocker / "data")
 
 
-def test_too_few_documents(tmp_path):
-    with pytest.raises(DataError, match="at least 2 documents"):
-        prepare(["lonely"], tmp_path)
+def test_too_little_text(tmp_path):
+    with pytest.raises(DataError, match="has 1 character, need 2"):
+        prepare(["x"], tmp_path)
+    with pytest.raises(DataError, match="corpus is empty"):
+        prepare([], tmp_path)
 
 
 def test_load_manifest_errors(prepared, tmp_path):

@@ -1,22 +1,22 @@
 """An interrupted prepare continues where it stopped; the tokenizer statistics in the manifest."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from gptlab.data import prepare as prepare_module
 from gptlab.data.prepare import JOURNAL_NAME, MANIFEST_NAME
-from gptlab.data.shards import read_shard, write_shard
+from gptlab.data.shards import ShardBuilder, read_shard
 from gptlab.data.tokenizer import load_tokenizer, unk_id
-from tests.test_data_prepare import prepare, synthetic_documents
+from tests.test_data_prepare import goes_to_val, prepare, split_by_hash, synthetic_documents
 
 DOCS = synthetic_documents(300)
+FINISH = ShardBuilder.finish
 
 
 def run(docs, out_dir, **options):
-    """prepare with shards small enough that the val split has several."""
-    return prepare(docs, out_dir, **({"shard_tokens": 300} | options))
+    """prepare with shards small enough that the val split has several, and batches small
+    enough that a shard takes several."""
+    return prepare(docs, out_dir, **({"shard_tokens": 300, "batch_chars": 500} | options))
 
 
 class Interrupted(Exception):
@@ -37,27 +37,28 @@ def files_of(directory):
 
 
 def interrupt_after(monkeypatch, shards):
-    """Make prepare stop after writing `shards` shards; return the paths it wrote."""
+    """Make prepare stop when it would finish shard number `shards` + 1; return the paths of
+    the shards it finished."""
     written = []
 
-    def write_then_stop(path, tokens, vocab_size):
+    def finish_then_stop(builder):
         if len(written) == shards:
             raise Interrupted
-        write_shard(path, tokens, vocab_size)
-        written.append(Path(path))
+        FINISH(builder)
+        written.append(builder.path)
 
-    monkeypatch.setattr(prepare_module, "write_shard", write_then_stop)
+    monkeypatch.setattr(ShardBuilder, "finish", finish_then_stop)
     return written
 
 
 def record_writes(monkeypatch):
     written = []
 
-    def write(path, tokens, vocab_size):
-        write_shard(path, tokens, vocab_size)
-        written.append(Path(path))
+    def record(builder):
+        FINISH(builder)
+        written.append(builder.path)
 
-    monkeypatch.setattr(prepare_module, "write_shard", write)
+    monkeypatch.setattr(ShardBuilder, "finish", record)
     return written
 
 
@@ -68,15 +69,11 @@ def forbid_training(monkeypatch):
     monkeypatch.setattr(prepare_module, "train_tokenizer", fail)
 
 
-@pytest.mark.parametrize("stop_after", ["nothing", "3 train shards", "all train + 1 val shard"])
-def test_interrupted_prepare_continues_where_it_stopped(
-    tmp_path, monkeypatch, reference, stop_after
-):
+@pytest.mark.parametrize("stop", [0, 3, 9])
+def test_interrupted_prepare_continues_where_it_stopped(tmp_path, monkeypatch, reference, stop):
     ref_dir, ref_manifest = reference
-    n_train = len(ref_manifest["splits"]["train"]["shards"])
-    total = n_train + len(ref_manifest["splits"]["val"]["shards"])
-    stop = {"nothing": 0, "3 train shards": 3, "all train + 1 val shard": n_train + 1}[stop_after]
-    assert 3 < n_train < total - 1  # the stops land where their names say
+    total = sum(len(split["shards"]) for split in ref_manifest["splits"].values())
+    assert stop < total - 1
 
     first_run = interrupt_after(monkeypatch, stop)
     with pytest.raises(Interrupted):
@@ -88,12 +85,13 @@ def test_interrupted_prepare_continues_where_it_stopped(
     second_run = record_writes(monkeypatch)
     manifest = run(DOCS, tmp_path)
     assert len(second_run) == total - stop  # only the missing shards were written
+    assert not list(tmp_path.rglob("*.partial"))
     assert {path: path.stat().st_mtime_ns for path in first_run} == kept
     assert manifest == ref_manifest
     assert files_of(tmp_path) == files_of(ref_dir)  # no journal or temp file left either
 
 
-def test_a_damaged_shard_is_rewritten_from_there_on(tmp_path, monkeypatch, reference):
+def test_a_damaged_shard_makes_prepare_start_over(tmp_path, monkeypatch, reference):
     ref_dir, _ = reference
     interrupt_after(monkeypatch, 4)
     with pytest.raises(Interrupted):
@@ -102,13 +100,13 @@ def test_a_damaged_shard_is_rewritten_from_there_on(tmp_path, monkeypatch, refer
     damaged.write_bytes(damaged.read_bytes()[:-10])
     second_run = record_writes(monkeypatch)
     run(DOCS, tmp_path)
-    assert second_run[0] == damaged
+    assert second_run[0].name == "shard_00000.bin"
     assert files_of(tmp_path) == files_of(ref_dir)
 
 
 @pytest.mark.parametrize(
     ("docs", "options"),
-    [(DOCS[:-1], {}), (DOCS, {"vocab_size": 290}), (DOCS, {"resume": False})],
+    [(DOCS[1:], {}), (DOCS, {"vocab_size": 290}), (DOCS, {"resume": False})],
     ids=["other documents", "other settings", "resume=False"],
 )
 def test_a_different_job_starts_over(tmp_path, monkeypatch, docs, options):
@@ -119,11 +117,7 @@ def test_a_different_job_starts_over(tmp_path, monkeypatch, docs, options):
     manifest = run(docs, tmp_path, **options)
     assert second_run[0].name == "shard_00000.bin"
     assert not (tmp_path / JOURNAL_NAME).exists()
-    assert manifest["splits"]["train"]["documents"] == len(split_train(docs))
-
-
-def split_train(docs):
-    return prepare_module.split_documents(docs, 0.1)[0]
+    assert manifest["splits"]["train"]["documents"] == len(split_by_hash(docs, 0.1)[0])
 
 
 def test_tokenizer_stats_of_byte_level_bpe(reference):
@@ -139,8 +133,9 @@ def test_tokenizer_stats_of_byte_level_bpe(reference):
 
 
 def test_coverage_counts_unknown_tokens(tmp_path):
-    docs = synthetic_documents(40)
-    docs[9] += " ζζζ"  # a val document (every 10th) with characters the train split lacks
+    docs = synthetic_documents(300)
+    i = next(i for i, doc in enumerate(docs) if goes_to_val(doc + " ζζζ", 0.1))
+    docs[i] += " ζζζ"  # a val document with characters the train split lacks
     manifest = prepare(docs, tmp_path, tokenizer_kind="char", vocab_size=100)
     unknown = unk_id(load_tokenizer(tmp_path / "tokenizer.json"))
     val = manifest["splits"]["val"]
@@ -148,3 +143,18 @@ def test_coverage_counts_unknown_tokens(tmp_path):
     assert (tokens == unknown).sum() == 3
     assert manifest["tokenizer_stats"]["coverage"] == {"train": 1.0, "val": 1 - 3 / val["tokens"]}
     assert manifest["tokenizer"]["kind"] == "char"
+
+
+def test_documents_changed_before_the_resume_point_start_over(tmp_path, monkeypatch, reference):
+    """With a given tokenizer the settings cannot tell: the replay's hash chain does."""
+    ref_dir, _ = reference
+    given = {"tokenizer_path": str(ref_dir / "tokenizer.json")}
+    interrupt_after(monkeypatch, 5)
+    with pytest.raises(Interrupted):
+        run(DOCS, tmp_path / "out", **given)
+    changed = [*DOCS[:3], DOCS[3] + " changed", *DOCS[4:]]
+    second_run = record_writes(monkeypatch)
+    run(changed, tmp_path / "out", **given)
+    assert second_run[0].name == "shard_00000.bin"
+    run(changed, tmp_path / "fresh", **given)
+    assert files_of(tmp_path / "out") == files_of(tmp_path / "fresh")

@@ -4,10 +4,10 @@ import time
 
 import pytest
 
+from gptlab.data.clean import clean_document
 from gptlab.data.errors import DataError
 from gptlab.data.sources import (
     builtin_corpus,
-    clean_document,
     iter_jsonl,
     iter_text_files,
     load_documents,

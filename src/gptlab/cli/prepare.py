@@ -1,7 +1,13 @@
-"""gptlab-prepare: text source -> clean -> tokenizer -> token shards + manifest."""
+"""gptlab-prepare: text source -> clean -> tokenizer -> token shards + manifest.
+
+With data.num_tasks > 1, one run per task (data.task_index) prepares its part of the corpus;
+``merge=true`` then writes the manifest over all of them (docs/data.md).
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,18 +16,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
-from gptlab.data.prepare import load_manifest, prepare_dataset
-from gptlab.data.sources import load_documents
+from gptlab.data.clean import Cleaning, DocumentSplit
+from gptlab.data.manifest import load_manifest, merge_tasks
+from gptlab.data.prepare import prepare_dataset, prepared_manifest
+from gptlab.data.sources import Source
+
+
+def source_of(data: DictConfig) -> Source:
+    """The `Source` that `data` (the config group) describes."""
+    split = DocumentSplit(data.document_split, data.document_regex, data.chunk_chars)
+    return Source(
+        data.source,
+        list(data.paths),
+        data.text_field,
+        data.include_site_packages,
+        data.errors,
+        hf_arguments(data),
+        split,
+    )
 
 
 def describe_source(data: DictConfig) -> str:
-    if data.source == "builtin":
-        description = f"builtin(include_site_packages={data.include_site_packages})"
-    elif data.source == "hf":
-        hf = {k: v for k, v in hf_arguments(data).items() if v is not None}
-        description = f"hf({', '.join(f'{k}={v}' for k, v in hf.items())})"
-    else:
-        description = f"{data.source}({', '.join(data.paths)})"
+    description = source_of(data).describe()
+    if data.document_split != "file":
+        description += f", document_split={data.document_split}"
     if data.get("max_documents") is not None:
         description += f", first {data.max_documents} documents"
     return description
@@ -42,35 +60,38 @@ def hf_arguments(data: DictConfig) -> dict[str, Any] | None:
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
     """Prepare `cfg.data` with `cfg.tokenizer` into `cfg.data.dir`; returns the manifest."""
-    out_dir = Path(cfg.data.dir)
-    if (out_dir / "manifest.json").exists() and not cfg.force:
-        print(f"{out_dir} is already prepared (force=true rebuilds it)")
-        return load_manifest(out_dir)
-    documents = load_documents(
-        source=cfg.data.source,
-        paths=list(cfg.data.paths),
-        text_field=cfg.data.text_field,
-        include_site_packages=cfg.data.include_site_packages,
-        normalize=cfg.data.normalize,
-        strip_html=cfg.data.strip_html,
-        drop_empty=cfg.data.drop_empty,
-        errors=cfg.data.errors,
-        hf=hf_arguments(cfg.data),
-        max_documents=cfg.data.get("max_documents"),
-    )
+    data = cfg.data
+    out_dir = Path(data.dir)
+    if cfg.merge:
+        manifest = merge_tasks(out_dir, data.num_tasks)
+        print_summary(out_dir, manifest)
+        return manifest
+    done = prepared_manifest(out_dir, data.num_tasks, data.task_index)
+    if done.exists() and not cfg.force:
+        print(f"{done.parent} is already prepared (force=true rebuilds it)")
+        return json.loads(done.read_text()) if data.num_tasks > 1 else load_manifest(out_dir)
     manifest = prepare_dataset(
-        documents,
+        source_of(data),
         out_dir=out_dir,
         vocab_size=cfg.tokenizer.vocab_size,
         tokenizer_path=cfg.tokenizer.path,
-        val_fraction=cfg.data.val_fraction,
-        shard_tokens=cfg.data.shard_tokens,
-        source_description=describe_source(cfg.data),
+        val_fraction=data.val_fraction,
+        shard_tokens=data.shard_tokens,
+        source_description=describe_source(data),
         tokenizer_kind=cfg.tokenizer.kind,
         min_frequency=cfg.tokenizer.min_frequency,
         resume=not cfg.force,
+        cleaning=Cleaning(data.normalize, data.strip_html, data.drop_empty),
+        train_bytes=cfg.tokenizer.train_bytes,
+        num_proc=data.num_proc or len(os.sched_getaffinity(0)),
+        batch_chars=data.batch_chars,
+        max_documents=data.get("max_documents"),
+        num_tasks=data.num_tasks,
+        task_index=data.task_index,
     )
-    print_summary(out_dir, manifest)
+    print_summary(done.parent, manifest)
+    if data.num_tasks > 1:
+        print(f"task {data.task_index} of {data.num_tasks} done; merge=true joins the tasks")
     return manifest
 
 
@@ -83,6 +104,9 @@ def print_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
         f"{'bytes/token':>12} {'coverage':>9}"
     )
     for name, split in manifest["splits"].items():
+        if not split["tokens"]:  # one task's part may hold no document of a split
+            print(f"{name:<6} {0:>10} {0:>8.2f} {0:>12} {0:>7} {'-':>12} {'-':>9}")
+            continue
         print(
             f"{name:<6} {split['documents']:>10,} {split['bytes'] / 1e6:>8.2f} "
             f"{split['tokens']:>12,} {len(split['shards']):>7} "
@@ -93,6 +117,19 @@ def print_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
         "occurs in the train split"
     )
     print(f"unigram entropy of train tokens: {manifest['unigram_entropy']:.3f} nats/token")
+    dropped = manifest["dropped"]
+    split = manifest["split"]
+    how = "by document hash" if split["method"] == "hash" else "by position (few documents)"
+    print(
+        f"dropped {dropped['duplicate']:,} duplicate and {dropped['empty']:,} empty documents; "
+        f"val split {how}"
+    )
+    sample = manifest["tokenizer"].get("sample")
+    if sample:
+        print(
+            f"tokenizer trained on {sample['bytes'] / 1e6:.1f} MB of {sample['documents']:,} "
+            "train documents (tokenizer.train_bytes)"
+        )
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")

@@ -32,11 +32,11 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
-def _fsync_directory(directory: Path) -> None:
-    # The rename lives in the directory entry: without this, a power loss could undo it.
+def fsync_directory(directory: Path) -> None:
+    """Sync `directory`'s entries: a rename lives there, and a power loss could undo it."""
     if os.name != "posix":
         return
     fd = os.open(directory, os.O_RDONLY)

@@ -11,21 +11,56 @@ Each document is followed by the end-of-text token, so the shards of a split hol
 continuous token stream. ``manifest.json`` is written last and atomically: a directory
 without it is incomplete (for example, an interrupted run) and is refused by the loaders.
 
-Resuming. While it works, prepare keeps a journal, ``prepare_progress.json``: a fingerprint
-of the job (the documents and every setting that changes the output), the tokenizer's hash,
-and after each shard is written, that shard and where in the documents the next one starts
-(document index, token offset). Run again with the same documents and settings after an
-interruption, and the trained tokenizer and every shard already written are kept; encoding
-continues at the recorded position, and the result is identical to an uninterrupted run.
+Streaming. Documents flow through and are never all in memory::
+
+    documents ─▶ batches ─▶ num_proc workers: clean, hash, encode ─▶ in order: drop duplicates,
+    route to train or val ─▶ one shard builder per split ─▶ manifest (last)
+
+At most 2 x num_proc batches of about `batch_chars` characters are in flight, so memory is
+bounded by the workers and the batch size, not by the corpus (docs/data.md has the formula).
+The output is the same byte for byte whatever `num_proc` and `batch_chars` are.
+
+The split. A document goes to val when its hash says so (with probability `val_fraction`), so
+its split never depends on where it sits in the corpus, and tasks (below) agree without talking
+to each other. A corpus of fewer than `10 / val_fraction` documents (one file, say) is split
+by position instead, as nanoGPT does: the last `val_fraction` of its characters is val.
+
+The tokenizer is trained on a bounded sample: the first `train_bytes` bytes of train text, in
+corpus order (the manifest records its size and hash). Exact duplicates (after cleaning) are
+dropped, and counted in the manifest.
+
+Resuming. While it works, prepare keeps a journal, ``prepare_progress.json``: a fingerprint of
+the job (every setting that changes the output, and the tokenizer sample), the tokenizer's
+hash, how many documents were consumed, the shards written and the length of each split's
+unfinished shard (``*.partial``). It is rewritten after every shard and every few seconds. Run
+again after an interruption (Ctrl-C, a killed process, a dead worker) and the tokenizer and
+everything written up to the last journal entry are kept: the documents before that point are
+hashed again (not encoded) to check they are the same and to rebuild the duplicate filter,
+and encoding continues; the result is identical to an uninterrupted run.
+
+Tasks. With `num_tasks` > 1, task `task_index` prepares only its contiguous part of the corpus
+(see `gptlab.data.sources.Source.documents`) into ``task_<i>-of-<n>/``, with a
+``task_manifest.json`` instead of a manifest; `gptlab.data.manifest.merge_tasks` then writes one
+``manifest.json`` over all of them. Every task trains the same tokenizer, from the sample of
+the whole corpus.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
+import math
+import multiprocessing
 import os
-from collections.abc import Sequence
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,192 +68,726 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from gptlab import __version__
+from gptlab.data.clean import Cleaning, DigestSet, digest
 from gptlab.data.errors import DataError
 from gptlab.data.fileio import atomic_write, atomic_write_text, ensure_writable_dir
-from gptlab.data.shards import ShardError, dtype_for_vocab, read_header, read_shard, write_shard
+from gptlab.data.manifest import (
+    MANIFEST_NAME,
+    SPLITS,
+    TASK_MANIFEST_NAME,
+    TOKENIZER_NAME,
+    complete_manifest,
+    task_dir,
+)
+from gptlab.data.manifest import load_manifest as load_manifest  # where older code finds it
+from gptlab.data.shards import ShardBuilder, ShardError, dtype_for_vocab, read_header
+from gptlab.data.sources import Source, task_part
 from gptlab.data.tokenizer import (
     eot_id,
     file_sha256,
     load_tokenizer,
     save_tokenizer,
     train_tokenizer,
-    unk_id,
 )
 
 log = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.json"
-TOKENIZER_NAME = "tokenizer.json"
 JOURNAL_NAME = "prepare_progress.json"
-MANIFEST_VERSION = 1
-SPLITS = ("train", "val")
+
+DEFAULT_TRAIN_BYTES = 100_000_000
+DEFAULT_BATCH_CHARS = 1_000_000
+# A corpus with fewer documents than this many times 1 / val_fraction is split by position: by
+# hash, its val split could be far from val_fraction, or empty (with this many, the chance of
+# an empty val split is e^-10).
+HASH_SPLIT_MIN_DOCUMENTS_PER_VAL = 10
+_JOURNAL_EVERY_S = 5.0
 
 
 def prepare_dataset(
-    documents: list[str],
+    documents: Sequence[str] | Source,
     out_dir: str | Path,
     vocab_size: int,
     tokenizer_path: str | None = None,
     val_fraction: float = 0.05,
     shard_tokens: int = 10_000_000,
     source_description: str = "",
-    batch_size: int = 1000,
     progress: bool = True,
     tokenizer_kind: str = "bpe",
     min_frequency: int = 2,
     resume: bool = True,
+    cleaning: Cleaning | None = None,
+    train_bytes: int = DEFAULT_TRAIN_BYTES,
+    num_proc: int = 1,
+    batch_chars: int = DEFAULT_BATCH_CHARS,
+    max_documents: int | None = None,
+    num_tasks: int = 1,
+    task_index: int = 0,
 ) -> dict[str, Any]:
     """Tokenize `documents` into `out_dir` and return the manifest written there.
 
-    The tokenizer is trained on the train split only, so validation text stays unseen;
-    with `tokenizer_path` that tokenizer is used (and copied) instead, and `vocab_size`,
-    `tokenizer_kind` and `min_frequency` do not apply. See `split_documents` for the split.
-    With `resume`, an interrupted run of the same job continues (see the module docstring);
-    otherwise everything is redone.
+    `documents` is a `Source` (streamed, and cleaned with `cleaning`) or a list of documents
+    (used as they are, unless `cleaning` is given). The tokenizer is trained on a sample of
+    the train split (`train_bytes`), so validation text stays unseen; with `tokenizer_path`
+    that tokenizer is used (and copied) instead, and `vocab_size`, `tokenizer_kind`,
+    `min_frequency` and `train_bytes` do not apply. `max_documents` keeps the first that many
+    documents left after cleaning. With `resume`, an interrupted run of the same job
+    continues (see the module docstring); otherwise everything is redone. With `num_tasks` >
+    1 this prepares task `task_index`'s part into its own folder (see `manifest.merge_tasks`) and
+    returns its task manifest.
     """
-    if shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be >= 1, got {shard_tokens}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    out = ensure_writable_dir(out_dir)
-    train_docs, val_docs = split_documents(documents, val_fraction)
+    job = _Job(
+        documents,
+        cleaning,
+        val_fraction,
+        max_documents,
+        num_tasks,
+        task_index,
+        source_description or (documents.describe() if isinstance(documents, Source) else ""),
+    )
+    for name, value in (("shard_tokens", shard_tokens), ("batch_chars", batch_chars)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if num_proc < 1:
+        raise ValueError(f"data.num_proc must be >= 1, got {num_proc}")
+    plan = job.plan_split()
+    out = ensure_writable_dir(task_dir(out_dir, num_tasks, task_index))
     # Loaded (and so checked) before its hash joins the settings below.
     given_tokenizer = _load_given_tokenizer(tokenizer_path, vocab_size) if tokenizer_path else None
+    sample = None if given_tokenizer else _Sample(job, plan, train_bytes)
     settings = {
+        "source": job.description,
+        "cleaning": None if cleaning is None else vars(cleaning),
+        "max_documents": max_documents,
+        "tasks": [task_index, num_tasks],
         "vocab_size": vocab_size,
         "tokenizer": file_sha256(tokenizer_path) if tokenizer_path else tokenizer_kind,
         "min_frequency": min_frequency,
         "val_fraction": val_fraction,
         "shard_tokens": shard_tokens,
+        "split": plan.describe(),
+        "sample": sample.summary() if sample else None,  # reads the sample to hash it
     }
-    journal = _Journal(out, _fingerprint(documents, settings))
+    journal = _Journal(
+        out, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    )
     if resume and journal.resumable():
         log.info("resuming an interrupted prepare in %s", out)
         tokenizer = load_tokenizer(out / TOKENIZER_NAME)
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        _manifest_path(out, num_tasks).unlink(missing_ok=True)
     else:
         if given_tokenizer is None:
-            log.info("training a %s tokenizer on %d documents", tokenizer_kind, len(train_docs))
-            tokenizer = train_tokenizer(train_docs, vocab_size, tokenizer_kind, min_frequency)
+            log.info("training a %s tokenizer on %s", tokenizer_kind, sample.describe())
+            tokenizer = train_tokenizer(sample.texts(), vocab_size, tokenizer_kind, min_frequency)
         else:
             tokenizer = given_tokenizer
         # From here on the directory is rewritten: until the new manifest lands, it must not
         # look like a finished dataset.
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        _manifest_path(out, num_tasks).unlink(missing_ok=True)
         _write_tokenizer(tokenizer, tokenizer_path, out / TOKENIZER_NAME)
         journal.start(file_sha256(out / TOKENIZER_NAME))
-    # A document that happens to contain "<|endoftext|>" must not fake a document boundary.
-    tokenizer.encode_special_tokens = True
-    encode = _Encoder(tokenizer, out, shard_tokens, batch_size, progress, journal)
-    splits = {"train": encode("train", train_docs), "val": encode("val", val_docs)}
 
-    vocab = tokenizer.get_vocab_size()
-    counts = {name: _token_counts(out, split["shards"], vocab) for name, split in splits.items()}
+    encoder = _Encoder(job, plan, tokenizer, out, shard_tokens, journal)
+    try:
+        result = encoder.run(num_proc, batch_chars, progress)
+    except _DocumentsChanged as e:
+        log.warning("%s; starting over", e)
+        journal.start(journal.state["tokenizer_sha256"])
+        encoder = _Encoder(job, plan, tokenizer, out, shard_tokens, journal)
+        result = encoder.run(num_proc, batch_chars, progress)
+    if num_tasks == 1 and not result.splits["val"]["documents"]:
+        raise DataError(
+            f"no document of {job.description or 'the corpus'} was drawn for the val split "
+            f"(val_fraction {val_fraction}); raise val_fraction"
+        )
     manifest = {
-        "format_version": MANIFEST_VERSION,
-        "created_with": f"gptlab {__version__}",
-        "source": source_description,
+        "source": job.description,
         "tokenizer": {
             "file": TOKENIZER_NAME,
             "sha256": file_sha256(out / TOKENIZER_NAME),
             "kind": None if tokenizer_path else tokenizer_kind,
+            "sample": sample.summary() if sample else None,
         },
-        "vocab_size": vocab,
-        "eot_id": eot_id(tokenizer),
-        "dtype": dtype_for_vocab(vocab).name,
         "val_fraction": val_fraction,
-        "unigram_entropy": unigram_entropy(counts["train"]),  # nats per token, train split
-        "tokenizer_stats": tokenizer_stats(splits, counts, unk_id(tokenizer)),
-        "splits": splits,
+        "split": plan.describe(),
+        "dropped": result.dropped,
+        "splits": result.splits,
     }
-    atomic_write_text(out / MANIFEST_NAME, json.dumps(manifest, indent=2) + "\n")
+    if num_tasks > 1:
+        manifest["task"] = {"index": task_index, "count": num_tasks}
+    manifest = complete_manifest(out, manifest, tokenizer)
+    atomic_write_text(_manifest_path(out, num_tasks), json.dumps(manifest, indent=2) + "\n")
     journal.finish()
     _remove_stale_shards(out, manifest)
     return manifest
 
 
-def split_documents(documents: Sequence[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """Deterministic split: every k-th document (k = round(1 / val_fraction)) goes to val.
+def prepared_manifest(out_dir: str | Path, num_tasks: int = 1, task_index: int = 0) -> Path:
+    """The file whose presence says task `task_index` of `num_tasks` is already prepared."""
+    return _manifest_path(task_dir(out_dir, num_tasks, task_index), num_tasks)
 
-    Documents k-1, 2k-1, ... are val; with fewer than k documents the last one is.
+
+def _manifest_path(out: Path, num_tasks: int) -> Path:
+    return out / (MANIFEST_NAME if num_tasks == 1 else TASK_MANIFEST_NAME)
+
+
+# ── the documents and the split ──────────────────────────────────────────────────────────
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The documents to prepare and what decides which are kept and where they go."""
+
+    documents: Sequence[str] | Source
+    cleaning: Cleaning | None
+    val_fraction: float
+    max_documents: int | None
+    num_tasks: int
+    task_index: int
+    description: str
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction <= 0.5:
+            raise ValueError(f"val_fraction must be in (0, 0.5], got {self.val_fraction}")
+        if self.max_documents is not None and self.max_documents < 1:
+            raise ValueError(f"max_documents must be None or >= 1, got {self.max_documents}")
+        if self.max_documents is not None and self.num_tasks > 1:
+            raise ValueError(
+                "data.max_documents keeps the first documents of the whole corpus, which "
+                "does not split into tasks; set data.max_documents=null with data.num_tasks > 1"
+            )
+
+    def raw(self, task_index: int = 0, num_tasks: int = 1) -> Iterator[str]:
+        """The raw documents of task `task_index` of `num_tasks` (all of them by default)."""
+        if isinstance(self.documents, Source):
+            return self.documents.documents(task_index, num_tasks)
+        part = task_part([len(doc) for doc in self.documents], task_index, num_tasks)
+        return (self.documents[i] for i in part)
+
+    def kept(self) -> Iterator[tuple[str, int]]:
+        """(document, digest) of every document of the whole corpus that is kept: cleaned,
+        not empty, not a duplicate, within `max_documents`. Runs in this process; for the
+        split plan and the tokenizer sample, which read a bounded part."""
+        seen: set[int] = set()
+        for text in self.raw():
+            doc = self.cleaning(text) if self.cleaning else text
+            if doc is None:
+                continue
+            key = digest(doc.encode("utf-8"))
+            if key in seen:
+                continue
+            seen.add(key)
+            yield doc, key
+            if len(seen) == self.max_documents:
+                return
+
+    def plan_split(self) -> _SplitPlan:
+        """Read the corpus until it is clear it has enough documents to split by hash, or to
+        its end (then it is small, and split by position)."""
+        enough = math.ceil(HASH_SPLIT_MIN_DOCUMENTS_PER_VAL / self.val_fraction)
+        count = chars = 0
+        for doc, _ in self.kept():
+            count += 1
+            chars += len(doc)
+            if count == enough:
+                return _SplitPlan(self.val_fraction)
+        if count == 0:
+            if isinstance(self.documents, Source):
+                raise self.documents.empty_corpus_error()
+            raise DataError("corpus is empty: no non-empty documents were given")
+        if chars < 2:
+            raise DataError(f"corpus {self.description!r} has {chars} character, need 2")
+        if self.num_tasks > 1:
+            raise DataError(
+                f"corpus {self.description!r} has only {count} documents, too few to prepare "
+                "in several tasks; prepare it with data.num_tasks=1"
+            )
+        val_chars = min(chars - 1, max(1, round(self.val_fraction * chars)))
+        return _SplitPlan(self.val_fraction, val_from_char=chars - val_chars)
+
+    def items(self, plan: _SplitPlan) -> Iterator[tuple[str, str | None]]:
+        """What the encoder reads: (text, split) pairs. Split by hash, the raw documents of this
+        task, with no split yet (the workers clean and hash them); split by position, the
+        kept documents, the one that holds the boundary cut in two."""
+        if plan.val_from_char is None:
+            return ((text, None) for text in self.raw(self.task_index, self.num_tasks))
+        return self._position_items(plan.val_from_char)
+
+    def _position_items(self, val_from: int) -> Iterator[tuple[str, str]]:
+        at = 0
+        for doc, _ in self.kept():
+            if at + len(doc) <= val_from:
+                yield doc, "train"
+            elif at >= val_from:
+                yield doc, "val"
+            else:
+                yield doc[: val_from - at], "train"
+                yield doc[val_from - at :], "val"
+            at += len(doc)
+
+
+@dataclass(frozen=True)
+class _SplitPlan:
+    """How documents are split: by hash, or (`val_from_char` set) by position."""
+
+    val_fraction: float
+    val_from_char: int | None = None
+
+    def is_val(self, digests: np.ndarray | int) -> np.ndarray | bool:
+        """Which documents (by digest) the hash split sends to val."""
+        return digests < np.uint64(int(self.val_fraction * 2**64))
+
+    def describe(self) -> dict[str, Any]:
+        if self.val_from_char is None:
+            return {"method": "hash", "val_fraction": self.val_fraction}
+        return {"method": "position", "val_from_char": self.val_from_char}
+
+
+class _Sample:
+    """The tokenizer's training text: the first `train_bytes` bytes of train text, in corpus
+    order (the last document cut to fit)."""
+
+    def __init__(self, job: _Job, plan: _SplitPlan, train_bytes: int) -> None:
+        if train_bytes < 1:
+            raise ValueError(f"tokenizer.train_bytes must be >= 1, got {train_bytes}")
+        self.job, self.plan, self.train_bytes = job, plan, train_bytes
+        self._summary: dict[str, Any] | None = None
+
+    def texts(self) -> Iterator[str]:
+        budget = self.train_bytes
+        for text in self._train_texts():
+            data = text.encode("utf-8")
+            if len(data) >= budget:
+                yield data[:budget].decode("utf-8", errors="ignore")
+                return
+            budget -= len(data)
+            yield text
+
+    def _train_texts(self) -> Iterator[str]:
+        if self.plan.val_from_char is not None:
+            items = self.job.items(self.plan)
+            return (text for text, _ in itertools.takewhile(lambda item: item[1] == "train", items))
+        return (doc for doc, key in self.job.kept() if not self.plan.is_val(key))
+
+    def summary(self) -> dict[str, Any]:
+        """What was sampled: documents, UTF-8 bytes, SHA-256 (of the texts, each prefixed by
+        its length)."""
+        if self._summary is None:
+            sha, documents, size = hashlib.sha256(), 0, 0
+            for text in self.texts():
+                data = text.encode("utf-8")
+                sha.update(len(data).to_bytes(8, "little") + data)
+                documents, size = documents + 1, size + len(data)
+            self._summary = {
+                "method": f"first {self.train_bytes:,} bytes of the train split",
+                "documents": documents,
+                "bytes": size,
+                "sha256": sha.hexdigest(),
+            }
+        return self._summary
+
+    def describe(self) -> str:
+        summary = self.summary()
+        return f"{summary['bytes'] / 1e6:.1f} MB of {summary['documents']:,} train documents"
+
+
+# ── encoding ────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class _Processed:
+    """What a worker returns for a batch: for each document that was not empty after cleaning
+    (`positions` in the batch), its digest, UTF-8 size and, when encoded, its tokens
+    (end-of-text included) as `lengths` and one concatenated `tokens` array."""
+
+    positions: np.ndarray
+    digests: np.ndarray
+    nbytes: np.ndarray
+    lengths: np.ndarray | None = None
+    tokens: np.ndarray | None = None
+
+
+class _Worker:
+    """Cleans, hashes and encodes batches of documents; one per worker process."""
+
+    def __init__(self, tokenizer_json: str, cleaning: Cleaning | None) -> None:
+        self.tokenizer = Tokenizer.from_str(tokenizer_json)
+        # A document that happens to contain "<|endoftext|>" must not fake a boundary.
+        self.tokenizer.encode_special_tokens = True
+        self.cleaning = cleaning
+        self.eot = eot_id(self.tokenizer)
+        self.dtype = dtype_for_vocab(self.tokenizer.get_vocab_size())
+
+    def process(self, texts: list[str], clean: bool, encode: bool) -> _Processed:
+        positions, docs = [], []
+        for position, text in enumerate(texts):
+            doc = self.cleaning(text) if clean and self.cleaning else text
+            if doc is not None:
+                positions.append(position)
+                docs.append(doc)
+        encoded = [doc.encode("utf-8") for doc in docs]
+        result = _Processed(
+            np.array(positions, dtype=np.int64),
+            np.array([digest(data) for data in encoded], dtype=np.uint64),
+            np.array([len(data) for data in encoded], dtype=np.int64),
+        )
+        if encode:
+            # The fast path of `tokenizers`: ids only, no offsets.
+            ids = [e.ids for e in self.tokenizer.encode_batch_fast(docs, add_special_tokens=False)]
+            result.lengths = np.array([len(i) + 1 for i in ids], dtype=np.int64)
+            stream = itertools.chain.from_iterable(i + [self.eot] for i in ids)
+            result.tokens = np.fromiter(stream, self.dtype, int(result.lengths.sum()))
+        return result
+
+
+_worker: _Worker | None = None
+
+
+def _start_worker(tokenizer_json: str, cleaning: Cleaning | None) -> None:
+    global _worker
+    # One thread per worker: the parallelism is the worker processes.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _worker = _Worker(tokenizer_json, cleaning)
+
+
+def _process_in_worker(texts: list[str], clean: bool, encode: bool) -> _Processed:
+    return _worker.process(texts, clean, encode)
+
+
+class _DocumentsChanged(Exception):
+    """The documents before the resume point differ from those of the interrupted run."""
+
+
+@dataclass
+class _Result:
+    splits: dict[str, dict[str, Any]]
+    dropped: dict[str, int]
+
+
+@dataclass
+class _Batch:
+    texts: list[str]
+    splits: list[str | None]  # fixed by a position split, else None (decided by hash)
+    encode: bool  # False while replaying the documents an interrupted run already wrote
+
+
+@dataclass
+class _Position:
+    """How far through the task's documents the writers are, and a hash chain of the digests
+    of the documents kept up to there (which proves a replay saw the same documents)."""
+
+    items: int = 0
+    kept: int = 0
+    chain: str = hashlib.sha256().hexdigest()
+    dropped: dict[str, int] = field(default_factory=lambda: {"empty": 0, "duplicate": 0})
+
+
+class _Encoder:
+    """Runs the stream of one task through the workers into the split writers, in order."""
+
+    def __init__(
+        self,
+        job: _Job,
+        plan: _SplitPlan,
+        tokenizer: Tokenizer,
+        out: Path,
+        shard_tokens: int,
+        journal: _Journal,
+    ) -> None:
+        self.job, self.plan, self.journal = job, plan, journal
+        self.tokenizer_json = tokenizer.to_str()
+        vocab = tokenizer.get_vocab_size()
+        saved = journal.state.get("position")
+        self.resume_at = _Position(**saved) if saved else _Position()
+        self.position = _Position()
+        self.seen = DigestSet()
+        self.writers = {
+            name: _SplitWriter(out, name, shard_tokens, vocab, journal.state["splits"].get(name))
+            for name in SPLITS
+        }
+        self.consistent = True  # writers and position agree: the journal may be saved
+        self.saved_at = time.monotonic()
+
+    def run(self, num_proc: int, batch_chars: int, progress: bool) -> _Result:
+        if self.resume_at.items:
+            log.info("resuming after %d documents", self.resume_at.kept)
+        batches = self._batches(batch_chars)
+        first = list(itertools.islice(batches, 2))
+        if len(first) < 2:
+            num_proc = 1  # one batch in all: workers would only add their start-up time
+        batches = itertools.chain(first, batches)
+        bar = tqdm(desc="preparing", unit="doc", disable=not progress)
+        try:
+            with bar, _pool(num_proc, self.tokenizer_json, self.job.cleaning) as submit:
+                in_flight: deque[tuple[_Batch, Future]] = deque()
+                more = True
+                for batch in batches:
+                    in_flight.append((batch, submit(batch)))
+                    if len(in_flight) >= 2 * num_proc:
+                        more = self._take(*in_flight.popleft(), bar)
+                    if not more:
+                        break
+                while more and in_flight:
+                    more = self._take(*in_flight.popleft(), bar)
+        except BrokenProcessPool:
+            self._save_journal()
+            raise RuntimeError(
+                f"an encoding worker died (out of memory, or killed); what was written is kept "
+                f"in {self.journal.path}: run the same command again to continue"
+            ) from None
+        except BaseException:
+            self._save_journal()
+            raise
+        if self.position.items < self.resume_at.items:
+            raise _DocumentsChanged("the corpus has fewer documents than the interrupted run")
+        for writer in self.writers.values():
+            writer.close()
+        self._save_journal()
+        return _Result(
+            {name: w.summary() for name, w in self.writers.items()}, self.position.dropped
+        )
+
+    def _batches(self, batch_chars: int) -> Iterator[_Batch]:
+        """Batches of about `batch_chars` characters; the documents an interrupted run already
+        wrote come first, in batches of their own, marked not to be encoded."""
+        items = self.job.items(self.plan)
+        replay = itertools.islice(items, self.resume_at.items)
+        for encode, part in ((False, replay), (True, items)):
+            texts: list[str] = []
+            splits: list[str | None] = []
+            size = 0
+            for text, split in part:
+                texts.append(text)
+                splits.append(split)
+                size += len(text)
+                if size >= batch_chars:
+                    yield _Batch(texts, splits, encode)
+                    texts, splits, size = [], [], 0
+            if texts:
+                yield _Batch(texts, splits, encode)
+
+    def _take(self, batch: _Batch, future: Future, bar: tqdm) -> bool:
+        """Write a processed batch; False once `max_documents` documents were kept."""
+        done = future.result()
+        self.consistent = False
+        position = self.position
+        new = self.seen.add(done.digests)
+        position.dropped["empty"] += len(batch.texts) - len(done.positions)
+        position.dropped["duplicate"] += int((~new).sum())
+        kept = np.flatnonzero(new)
+        # A position split has applied max_documents already, before cutting one in two.
+        limit = self.job.max_documents if self.plan.val_from_char is None else None
+        if limit is not None:
+            kept = kept[: limit - position.kept]
+        chain = hashlib.sha256(bytes.fromhex(position.chain))
+        chain.update(done.digests[kept].tobytes())
+        position.chain = chain.hexdigest()
+        position.kept += len(kept)
+        position.items += len(batch.texts)
+        if not batch.encode and position.items == self.resume_at.items:
+            self._check_replay()
+        finished_a_shard = batch.encode and self._write(batch, done, kept)
+        self.consistent = True
+        bar.update(len(kept))
+        if finished_a_shard or time.monotonic() - self.saved_at > _JOURNAL_EVERY_S:
+            self._save_journal()
+        return limit is None or position.kept < limit
+
+    def _check_replay(self) -> None:
+        """At the resume point: the same documents must have been kept as in the interrupted
+        run (its count and hash chain), else what it wrote does not belong to these."""
+        if (self.position.kept, self.position.chain) != (self.resume_at.kept, self.resume_at.chain):
+            raise _DocumentsChanged("the documents differ from those of the interrupted run")
+
+    def _write(self, batch: _Batch, done: _Processed, kept: np.ndarray) -> bool:
+        """Send the kept documents' tokens to their splits; True if a shard was finished."""
+        fixed = [batch.splits[p] for p in done.positions[kept]]
+        if fixed and fixed[0] is not None:
+            to_val = np.array([split == "val" for split in fixed], dtype=bool)
+        else:
+            to_val = self.plan.is_val(done.digests[kept])
+        ends = np.cumsum(done.lengths)
+        starts = ends - done.lengths
+        finished = False
+        for name, mask in (("train", ~to_val), ("val", to_val)):
+            chosen = kept[mask]
+            if len(chosen):
+                tokens = np.concatenate([done.tokens[starts[i] : ends[i]] for i in chosen])
+                nbytes = int(done.nbytes[chosen].sum())
+                finished |= self.writers[name].add(tokens, len(chosen), nbytes)
+        return finished
+
+    def _save_journal(self) -> None:
+        if not self.consistent or self.position.items < self.resume_at.items:
+            return  # still replaying: the journal on disk is further along than we are
+        for writer in self.writers.values():
+            writer.flush()
+        state = {name: writer.state() for name, writer in self.writers.items()}
+        self.journal.record(vars(self.position), state)
+        self.saved_at = time.monotonic()
+
+
+@contextlib.contextmanager
+def _pool(num_proc: int, tokenizer_json: str, cleaning: Cleaning | None) -> Iterator[Any]:
+    """A function that submits a batch for processing: to `num_proc` worker processes, or with
+    one, to a worker in this process."""
+    if num_proc == 1:
+        worker = _Worker(tokenizer_json, cleaning)
+
+        def run_here(batch: _Batch) -> Future:
+            future: Future = Future()
+            future.set_result(worker.process(batch.texts, batch.splits[0] is None, batch.encode))
+            return future
+
+        yield run_here
+        return
+    # "spawn": workers start clean, whatever threads this process (or tokenizers) runs.
+    with ProcessPoolExecutor(
+        num_proc,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_start_worker,
+        initargs=(tokenizer_json, cleaning),
+    ) as executor:
+        try:
+            yield lambda batch: executor.submit(
+                _process_in_worker, batch.texts, batch.splits[0] is None, batch.encode
+            )
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
+class _SplitWriter:
+    """Cuts a split's token stream into shards of `shard_tokens` tokens each (the last may be
+    shorter); the shard being filled lives in a ``.partial`` file until it is full."""
+
+    def __init__(
+        self, out: Path, split: str, shard_tokens: int, vocab_size: int, saved: dict | None
+    ) -> None:
+        self.out, self.split = out, split
+        self.shard_tokens, self.vocab_size = shard_tokens, vocab_size
+        (out / split).mkdir(exist_ok=True)
+        saved = saved or {"shards": [], "partial_tokens": 0, "documents": 0, "bytes": 0}
+        self.shards: list[dict[str, Any]] = saved["shards"]
+        self.documents, self.bytes = saved["documents"], saved["bytes"]
+        self.builder: ShardBuilder | None = None
+        if saved["partial_tokens"]:
+            self.builder = ShardBuilder.resume(
+                self._next_path(), vocab_size, saved["partial_tokens"]
+            )
+
+    def _next_path(self) -> Path:
+        return self.out / self.split / f"shard_{len(self.shards):05d}.bin"
+
+    def add(self, tokens: np.ndarray, documents: int, nbytes: int) -> bool:
+        """Append `tokens` (of `documents` documents, `nbytes` of text); True if a shard was
+        finished."""
+        self.documents += documents
+        self.bytes += nbytes
+        finished = False
+        while len(tokens):
+            if self.builder is None:
+                self.builder = ShardBuilder(self._next_path(), self.vocab_size)
+            take = min(self.shard_tokens - self.builder.tokens, len(tokens))
+            self.builder.append(tokens[:take])
+            tokens = tokens[take:]
+            if self.builder.tokens == self.shard_tokens:
+                self._finish_shard()
+                finished = True
+        return finished
+
+    def _finish_shard(self) -> None:
+        self.builder.finish()
+        name = str(self.builder.path.relative_to(self.out))
+        self.shards.append({"file": name, "tokens": self.builder.tokens})
+        self.builder = None
+
+    def flush(self) -> None:
+        if self.builder is not None:
+            self.builder.flush()
+
+    def close(self) -> None:
+        if self.builder is not None:
+            self._finish_shard()
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "shards": list(self.shards),
+            "partial_tokens": self.builder.tokens if self.builder else 0,
+            "documents": self.documents,
+            "bytes": self.bytes,
+        }
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "documents": self.documents,
+            "tokens": sum(shard["tokens"] for shard in self.shards),
+            "bytes": self.bytes,
+            "shards": self.shards,
+        }
+
+
+# ── the journal and the files ───────────────────────────────────────────────────────────
+
+
+class _Journal:
+    """``prepare_progress.json``: what an interrupted prepare of the same job may keep.
+
+    Rewritten atomically, and only when the shard files agree with it, so it never lists a
+    shard that is not complete, nor more partial tokens than were written.
     """
-    if not 0 < val_fraction <= 0.5:
-        raise ValueError(f"val_fraction must be in (0, 0.5], got {val_fraction}")
-    if len(documents) < 2:
-        raise DataError(
-            f"need at least 2 documents (one for train, one for val), got {len(documents)}"
-        )
-    every = round(1 / val_fraction)
-    val_index = set(range(every - 1, len(documents), every)) or {len(documents) - 1}
-    train = [doc for i, doc in enumerate(documents) if i not in val_index]
-    val = [doc for i, doc in enumerate(documents) if i in val_index]
-    return train, val
+
+    def __init__(self, out: Path, job: str) -> None:
+        self.path = out / JOURNAL_NAME
+        self.out = out
+        self.job = job
+        self.state: dict[str, Any] = {"job": self.job, "tokenizer_sha256": None, "splits": {}}
+
+    def resumable(self) -> bool:
+        """Load the journal if it belongs to this job and its files are intact."""
+        try:
+            state = json.loads(self.path.read_text(encoding="utf-8"))
+        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
+            return False
+        tokenizer = self.out / TOKENIZER_NAME
+        if state.get("job") != self.job or not tokenizer.is_file():
+            return False
+        if file_sha256(tokenizer) != state.get("tokenizer_sha256"):
+            return False
+        vocab = load_tokenizer(tokenizer).get_vocab_size()
+        for name, split in state["splits"].items():
+            if not _intact(self.out, name, split, vocab):
+                log.info("%s: a shard is missing or damaged; starting over", self.out / name)
+                return False
+        self.state = state
+        return True
+
+    def start(self, tokenizer_sha256: str) -> None:
+        self.state = {"job": self.job, "tokenizer_sha256": tokenizer_sha256, "splits": {}}
+        self._save()
+
+    def record(self, position: dict[str, Any], splits: dict[str, Any]) -> None:
+        self.state["position"] = position
+        self.state["splits"] = splits
+        self._save()
+
+    def finish(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _save(self) -> None:
+        atomic_write_text(self.path, json.dumps(self.state) + "\n")
 
 
-def unigram_entropy(counts: np.ndarray) -> float:
-    """Entropy in nats of the token frequency distribution `counts`: -sum p log p.
-
-    The loss of a model that ignores context entirely; a trained LM should beat it clearly.
-    """
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum())
-
-
-def tokenizer_stats(
-    splits: dict[str, dict[str, Any]], counts: dict[str, np.ndarray], unknown_id: int | None
-) -> dict[str, Any]:
-    """How well the tokenizer fits the data.
-
-    bytes_per_token: UTF-8 bytes of text per token (end-of-text tokens included), per split;
-    coverage: the share of tokens that are not the unknown token, per split (1.0 for
-    byte-level BPE, which has none); vocab_used: the share of the vocabulary that occurs in
-    the train split (low values mean a vocabulary too large for the corpus).
-    """
-    train_counts = counts["train"]
-    return {
-        "bytes_per_token": {
-            name: split["bytes"] / split["tokens"] for name, split in splits.items()
-        },
-        "coverage": {
-            name: 1.0 if unknown_id is None else 1.0 - counts[name][unknown_id] / split["tokens"]
-            for name, split in splits.items()
-        },
-        "vocab_used": float((train_counts > 0).sum() / len(train_counts)),
-    }
-
-
-def load_manifest(data_dir: str | Path) -> dict[str, Any]:
-    """Read and sanity-check ``manifest.json`` of a prepared data directory."""
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(
-            f"data directory {data_dir} does not exist; run gptlab-prepare first"
-        )
-    path = data_dir / MANIFEST_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"no {MANIFEST_NAME} in {data_dir}; run gptlab-prepare first "
-            "(an interrupted prepare leaves none)"
-        )
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: not valid JSON ({e}); re-run gptlab-prepare") from None
-    if not isinstance(manifest, dict):
-        raise DataError(f"{path}: expected a JSON object; re-run gptlab-prepare")
-    if manifest.get("format_version") != MANIFEST_VERSION:
-        raise DataError(
-            f"{path}: format_version {manifest.get('format_version')!r}, but this gptlab reads "
-            f"version {MANIFEST_VERSION}; re-run gptlab-prepare"
-        )
-    for key in ("tokenizer", "vocab_size", "eot_id", "dtype", "splits"):
-        if key not in manifest:
-            raise DataError(f"{path}: missing key {key!r}; re-run gptlab-prepare")
-    for split in SPLITS:
-        if not manifest["splits"].get(split, {}).get("shards"):
-            raise DataError(f"{path}: split {split!r} lists no shards; re-run gptlab-prepare")
-    return manifest
+def _intact(out: Path, split: str, saved: dict[str, Any], vocab_size: int) -> bool:
+    """Whether the shards and partial shard the journal lists for `split` are on disk."""
+    for shard in saved["shards"]:
+        try:
+            header = read_header(out / shard["file"])
+        except (FileNotFoundError, ShardError):
+            return False
+        if (header.num_tokens, header.vocab_size) != (shard["tokens"], vocab_size):
+            return False
+    partial = out / split / f"shard_{len(saved['shards']):05d}.bin.partial"
+    needed = saved["partial_tokens"] * dtype_for_vocab(vocab_size).itemsize
+    return not needed or (partial.is_file() and partial.stat().st_size >= 64 + needed)
 
 
 def _load_given_tokenizer(tokenizer_path: str, vocab_size: int) -> Tokenizer:
@@ -243,201 +812,11 @@ def _write_tokenizer(tokenizer: Tokenizer, given_path: str | None, target: Path)
             f.write(Path(given_path).read_bytes())
 
 
-def _fingerprint(documents: Sequence[str], settings: dict[str, Any]) -> str:
-    """A hash of everything that decides prepare's output: the documents and `settings`."""
-    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
-    for doc in documents:
-        data = doc.encode("utf-8")
-        digest.update(len(data).to_bytes(8, "little"))  # so ["ab", "c"] != ["a", "bc"]
-        digest.update(data)
-    return digest.hexdigest()
-
-
-class _Journal:
-    """``prepare_progress.json``: what an interrupted prepare of the same job may keep.
-
-    Rewritten atomically after every shard, so it never lists a shard that is not complete.
-    """
-
-    def __init__(self, out: Path, job: str) -> None:
-        self.path = out / JOURNAL_NAME
-        self.out = out
-        self.job = job
-        self.state: dict[str, Any] = {"job": job, "tokenizer_sha256": None, "splits": {}}
-
-    def resumable(self) -> bool:
-        """Load the journal if it belongs to this job and its tokenizer file is intact."""
-        try:
-            state = json.loads(self.path.read_text(encoding="utf-8"))
-        except (FileNotFoundError, UnicodeDecodeError, json.JSONDecodeError):
-            return False
-        tokenizer = self.out / TOKENIZER_NAME
-        if state.get("job") != self.job or not tokenizer.is_file():
-            return False
-        if file_sha256(tokenizer) != state.get("tokenizer_sha256"):
-            return False
-        self.state = state
-        return True
-
-    def start(self, tokenizer_sha256: str) -> None:
-        self.state = {"job": self.job, "tokenizer_sha256": tokenizer_sha256, "splits": {}}
-        self._save()
-
-    def split(self, name: str) -> dict[str, Any]:
-        """The recorded progress of split `name`: its shards and whether it is complete."""
-        return self.state["splits"].setdefault(name, {"shards": [], "complete": False})
-
-    def record(self, name: str, shards: list[dict[str, Any]], complete: bool = False) -> None:
-        self.state["splits"][name] = {"shards": shards, "complete": complete}
-        self._save()
-
-    def finish(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-    def _save(self) -> None:
-        atomic_write_text(self.path, json.dumps(self.state) + "\n")
-
-
-class _Encoder:
-    """Encodes a split's documents in parallel batches and writes them as shards, continuing
-    where the journal says an interrupted run stopped."""
-
-    def __init__(
-        self,
-        tokenizer: Tokenizer,
-        out: Path,
-        shard_tokens: int,
-        batch_size: int,
-        progress: bool,
-        journal: _Journal,
-    ) -> None:
-        self.tokenizer = tokenizer
-        self.out = out
-        self.shard_tokens = shard_tokens
-        self.batch_size = batch_size
-        self.progress = progress
-        self.journal = journal
-        self.vocab_size = tokenizer.get_vocab_size()
-        self.dtype = dtype_for_vocab(self.vocab_size)
-        self.eot = eot_id(tokenizer)
-
-    def __call__(self, split: str, docs: list[str]) -> dict[str, Any]:
-        """Encode `docs` into ``out/split/``; return the split's manifest entry."""
-        (self.out / split).mkdir(exist_ok=True)
-        done = self.journal.split(split)
-        kept = _intact_prefix(self.out, done["shards"], self.vocab_size)
-        if not (done["complete"] and len(kept) == len(done["shards"])):
-            self._encode(split, docs, kept)
-        recorded = self.journal.split(split)["shards"]
-        shards = [{"file": shard["file"], "tokens": shard["tokens"]} for shard in recorded]
-        return {
-            "documents": len(docs),
-            "tokens": sum(shard["tokens"] for shard in shards),
-            "bytes": sum(len(doc.encode("utf-8")) for doc in docs),
-            "shards": shards,
-        }
-
-    def _encode(self, split: str, docs: list[str], kept: list[dict[str, Any]]) -> None:
-        writer = _ShardWriter(
-            self.out, split, self.shard_tokens, self.vocab_size, self.journal, kept
-        )
-        first_doc, offset = (kept[-1]["next_doc"], kept[-1]["next_offset"]) if kept else (0, 0)
-        if kept:
-            log.info("%s: kept %d shards, continuing at document %d", split, len(kept), first_doc)
-        with tqdm(
-            total=len(docs),
-            initial=first_doc,
-            desc=f"encoding {split}",
-            unit="doc",
-            disable=not self.progress,
-        ) as bar:
-            for start in range(first_doc, len(docs), self.batch_size):
-                batch = docs[start : start + self.batch_size]
-                encodings = self.tokenizer.encode_batch(batch)  # parallel in Rust
-                for index, enc in enumerate(encodings, start=start):
-                    tokens = np.array([*enc.ids, self.eot], dtype=self.dtype)
-                    writer.add(index, tokens, offset if index == first_doc else 0)
-                bar.update(len(batch))
-        writer.close(len(docs))
-
-
-def _intact_prefix(
-    out: Path, shards: list[dict[str, Any]], vocab_size: int
-) -> list[dict[str, Any]]:
-    """The recorded shards up to the first that is missing or not what the journal says."""
-    for i, shard in enumerate(shards):
-        try:
-            header = read_header(out / shard["file"])
-        except (FileNotFoundError, ShardError):
-            return shards[:i]
-        if (header.num_tokens, header.vocab_size) != (shard["tokens"], vocab_size):
-            return shards[:i]
-    return shards
-
-
-class _ShardWriter:
-    """Cuts a split's token stream into shards of `shard_tokens` tokens each (the last may be
-    shorter). After each shard it records in the journal where the next one starts."""
-
-    def __init__(
-        self,
-        out: Path,
-        split: str,
-        shard_tokens: int,
-        vocab_size: int,
-        journal: _Journal,
-        written: list[dict[str, Any]],
-    ) -> None:
-        self.out = out
-        self.split = split
-        self.shard_tokens = shard_tokens
-        self.vocab_size = vocab_size
-        self.journal = journal
-        self.pending: list[np.ndarray] = []
-        self.pending_tokens = 0
-        self.shards = list(written)  # journal entries of the shards already on disk
-
-    def add(self, doc_index: int, tokens: np.ndarray, start: int = 0) -> None:
-        """Append document `doc_index`'s tokens from position `start` on."""
-        while start < len(tokens):
-            take = min(self.shard_tokens - self.pending_tokens, len(tokens) - start)
-            self.pending.append(tokens[start : start + take])
-            self.pending_tokens += take
-            start += take
-            if self.pending_tokens == self.shard_tokens:
-                # The next shard begins at token `start` of this document, or with the next one.
-                at = (doc_index, start) if start < len(tokens) else (doc_index + 1, 0)
-                self._write(*at)
-
-    def close(self, num_docs: int) -> None:
-        if self.pending_tokens:
-            self._write(num_docs, 0)
-        self.journal.record(self.split, self.shards, complete=True)
-
-    def _write(self, next_doc: int, next_offset: int) -> None:
-        tokens = np.concatenate(self.pending)
-        name = f"{self.split}/shard_{len(self.shards):05d}.bin"
-        write_shard(self.out / name, tokens, self.vocab_size)
-        self.pending, self.pending_tokens = [], 0
-        self.shards.append(
-            {"file": name, "tokens": len(tokens), "next_doc": next_doc, "next_offset": next_offset}
-        )
-        self.journal.record(self.split, self.shards)
-
-
-def _token_counts(out: Path, shards: list[dict[str, Any]], vocab_size: int) -> np.ndarray:
-    """How often each token id occurs in `shards`, read back from the files."""
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    for shard in shards:
-        counts += np.bincount(read_shard(out / shard["file"]), minlength=vocab_size)
-    return counts
-
-
 def _remove_stale_shards(out: Path, manifest: dict[str, Any]) -> None:
-    """Delete shards left by an earlier, larger run into the same directory."""
+    """Delete shards (and partial shards) left by an earlier, larger run into the folder."""
     listed = {shard["file"] for split in manifest["splits"].values() for shard in split["shards"]}
     for split in SPLITS:
-        for path in sorted((out / split).glob("shard_*.bin")):
+        for path in sorted((out / split).glob("shard_*.bin*")):
             if f"{split}/{path.name}" not in listed:
                 log.info("removing stale shard %s", path)
                 path.unlink()

@@ -21,6 +21,7 @@ Readers get a read-only ``np.memmap``, so shards larger than memory stream from 
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from gptlab.data.errors import DataError
-from gptlab.data.fileio import atomic_write
+from gptlab.data.fileio import atomic_write, fsync_directory
 
 MAGIC = b"GPTLABTK"
 FORMAT_VERSION = 1
@@ -73,10 +74,77 @@ def write_shard(path: str | Path, tokens: np.ndarray | Sequence[int], vocab_size
             f"{path}: token ids must be in [0, {vocab_size}) for vocab_size {vocab_size}, "
             f"got min {low}, max {high}"
         )
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, dtype.itemsize, array.size, vocab_size)
     with atomic_write(path) as f:
-        f.write(header.ljust(HEADER_SIZE, b"\0"))
+        f.write(_header(array.size, vocab_size))
         f.write(np.ascontiguousarray(array, dtype=dtype).data)
+
+
+def _header(num_tokens: int, vocab_size: int) -> bytes:
+    itemsize = dtype_for_vocab(vocab_size).itemsize
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, itemsize, num_tokens, vocab_size)
+    return header.ljust(HEADER_SIZE, b"\0")
+
+
+class ShardBuilder:
+    """A shard written token by token: ``<final name>.partial`` grows until `finish` gives it
+    its header and final name in one rename, so a shard never exists half-written under its
+    final name.
+
+    `tokens` is how many tokens the partial file holds. After a crash, `resume` reopens the
+    partial file at the length a journal recorded (bytes written after that are dropped).
+    """
+
+    def __init__(self, path: str | Path, vocab_size: int, tokens: int = 0) -> None:
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.vocab_size = vocab_size
+        self.dtype = dtype_for_vocab(vocab_size)
+        self.tokens = tokens
+        mode = "r+b" if tokens else "wb"
+        self.file = self.partial.open(mode)
+        if tokens:
+            self.file.truncate(HEADER_SIZE + tokens * self.dtype.itemsize)
+            self.file.seek(0, 2)
+        else:
+            self.file.write(bytes(HEADER_SIZE))  # the header is written by `finish`
+
+    @classmethod
+    def resume(cls, path: str | Path, vocab_size: int, tokens: int) -> ShardBuilder:
+        """Reopen the partial file of `path`; a ShardError if it holds fewer than `tokens`."""
+        partial = Path(f"{path}.partial")
+        needed = HEADER_SIZE + tokens * dtype_for_vocab(vocab_size).itemsize
+        if tokens and (not partial.is_file() or partial.stat().st_size < needed):
+            raise ShardError(f"{partial}: holds fewer than the {tokens} tokens recorded")
+        return cls(path, vocab_size, tokens)
+
+    def append(self, tokens: np.ndarray) -> None:
+        if tokens.size and int(tokens.max()) >= self.vocab_size:
+            raise ValueError(
+                f"{self.path}: token ids must be < vocab_size {self.vocab_size}, "
+                f"got {int(tokens.max())}"
+            )
+        self.file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        self.tokens += tokens.size
+
+    def flush(self) -> None:
+        """Push what was appended to the OS, so it survives the death of this process."""
+        self.file.flush()
+
+    def finish(self) -> None:
+        """Write the header, sync and rename the partial file to the shard's final name."""
+        if not self.tokens:
+            raise ValueError(f"{self.path}: a shard needs at least one token")
+        self.file.seek(0)
+        self.file.write(_header(self.tokens, self.vocab_size))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.partial, self.path)
+        fsync_directory(self.path.parent)
+
+    def discard(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
 
 
 def read_header(path: str | Path) -> ShardHeader:
