@@ -15,13 +15,12 @@ Writes results/<task>_tasks.md.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from experiments.ablations.analyze import RESULTS, group_by_variant
-from gptlab.analysis import find_sweep, load_sweep, mean_std
+from experiments.ablations.analyze import group_by_variant, sweep_arguments
+from gptlab.analysis import load_sweep, mean_std
 from gptlab.cli.evaluate import training_data_dir
 from gptlab.eval.builtin import builtin_tasks
 from gptlab.eval.scoring import score_tasks
@@ -121,13 +120,7 @@ def report(task: str, sweep_dir: Path, variants: list[Variant]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("task", help="the sweep's task_name, e.g. attention_ablation")
-    parser.add_argument("--sweep-dir", type=Path, help="default: the task's newest sweep")
-    parser.add_argument("--log-dir", type=Path, default=Path("logs"))
-    parser.add_argument("--out-dir", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-    sweep_dir = args.sweep_dir or find_sweep(args.log_dir, args.task)
+    args, sweep_dir = sweep_arguments(__doc__.split("\n")[0], argv)
     text = report(args.task, sweep_dir, score_sweep(sweep_dir))
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / f"{args.task}_tasks.md").write_text(text, encoding="utf-8")
