@@ -90,8 +90,10 @@ def test_batched_loglikelihoods_equal_one_sequence_at_a_time(tokenizer):
     context = tokenizer.encode("Return the").ids
     argmax = model(torch.tensor([context]))[0, -1].argmax().item()
     assert loglikelihoods(model, [(context, [argmax])])[0][1] is True
-    with pytest.raises(ValueError, match="empty continuation"):
+    with pytest.raises(ValueError, match="needs a context token"):
         loglikelihoods(model, [(context, [])])
+    with pytest.raises(ValueError, match="needs a context token"):
+        loglikelihoods(model, [([], context)])
 
 
 def test_choice_metrics_match_a_hand_computation():

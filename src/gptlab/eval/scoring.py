@@ -64,8 +64,11 @@ def loglikelihoods(
     max_len = model.config.block_size
     rows = []  # (input tokens, continuation ids) per request
     for i, (context, continuation) in enumerate(requests):
-        if not continuation:
-            raise ValueError(f"request {i} has an empty continuation: nothing to score")
+        if not context or not continuation:
+            raise ValueError(
+                f"request {i} needs a context token (end-of-text for an empty context) and a "
+                "continuation to score"
+            )
         if len(continuation) > max_len:
             raise ValueError(
                 f"request {i}: a continuation of {len(continuation)} tokens exceeds "
