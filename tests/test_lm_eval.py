@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 
 import pytest
@@ -128,7 +127,7 @@ def choice_task() -> Task:
     return Task("gptlab_local_mc", "choice", examples)
 
 
-@pytest.mark.slow  # lm-eval's task machinery takes ~20 s to start
+@pytest.mark.slow  # lm-eval indexes its ~10k task files first
 def test_gptlab_eval_accuracies_equal_lm_eval_on_a_local_task(exported, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -157,21 +156,22 @@ def test_gptlab_eval_accuracies_equal_lm_eval_on_a_local_task(exported, tmp_path
     assert ours["acc"] != ours["acc_norm"]  # the two normalisations are told apart here
 
 
-@pytest.mark.slow
-def test_gptlab_lm_eval_command_scores_a_checkpoint(exported, tmp_path):
+@pytest.mark.slow  # lm-eval indexes its ~10k task files first
+def test_gptlab_lm_eval_command_scores_a_checkpoint(exported, tmp_path, monkeypatch):
+    from gptlab.eval.harness import main
+
     ckpt, _ = exported
     data = tmp_path / "mc.jsonl"
     write_jsonl_task(choice_task(), data)
     local_task_yaml(tmp_path, data, "gptlab_local_mc")
     out = tmp_path / "out"
-    command = [
-        *(sys.executable, "-c", "from gptlab.eval.harness import main; main()"),
-        *("run", "--model", "gptlab", "--model_args", f"ckpt={ckpt}"),
-        *("--tasks", "gptlab_local_mc", "--include_path", str(tmp_path)),
+    argv = [
+        *("gptlab-lm-eval", "run", "--model", "gptlab", "--model_args", f"ckpt={ckpt}"),
+        *("--tasks", "gptlab_local_mc", "--include_path", str(tmp_path), "--device", "cpu"),
         *("--batch_size", "4", "--output_path", str(out)),
     ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()  # lm-eval's command line, in this process
     (result_file,) = out.rglob("results_*.json")
     scores = json.loads(result_file.read_text())["results"]["gptlab_local_mc"]
     assert 0 <= scores["acc,none"] <= 1 and "acc_norm,none" in scores
