@@ -127,7 +127,7 @@ def choice_task() -> Task:
     return Task("gptlab_local_mc", "choice", examples)
 
 
-@pytest.mark.slow  # lm-eval indexes its ~10k task files first
+@pytest.mark.slow  # lm-eval indexes its ~14k task files first
 def test_gptlab_eval_accuracies_equal_lm_eval_on_a_local_task(exported, tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -156,7 +156,7 @@ def test_gptlab_eval_accuracies_equal_lm_eval_on_a_local_task(exported, tmp_path
     assert ours["acc"] != ours["acc_norm"]  # the two normalisations are told apart here
 
 
-@pytest.mark.slow  # lm-eval indexes its ~10k task files first
+@pytest.mark.slow  # lm-eval indexes its ~14k task files first
 def test_gptlab_lm_eval_command_scores_a_checkpoint(exported, tmp_path, monkeypatch):
     from gptlab.eval.harness import main
 
