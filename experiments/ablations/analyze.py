@@ -137,14 +137,20 @@ def analyze(task: str, sweep_dir: Path, out_dir: Path = RESULTS) -> list[Variant
     return summaries
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def sweep_arguments(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, Path]:
+    """The command line of the sweep scripts (task, --sweep-dir, --log-dir, --out-dir) and the
+    sweep folder it names."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("task", help="the sweep's task_name, e.g. attention_ablation")
     parser.add_argument("--sweep-dir", type=Path, help="default: the task's newest sweep")
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    sweep_dir = args.sweep_dir or find_sweep(args.log_dir, args.task)
+    return args, args.sweep_dir or find_sweep(args.log_dir, args.task)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, sweep_dir = sweep_arguments(__doc__.split("\n")[0], argv)
     analyze(args.task, sweep_dir, args.out_dir)
 
 

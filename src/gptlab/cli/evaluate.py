@@ -1,4 +1,5 @@
-"""gptlab-eval: loss, perplexity and bits per byte of a checkpoint on held-out text.
+"""gptlab-eval: loss, perplexity and bits per byte of a checkpoint on held-out text; with
+`tasks=[...]`, its zero-shot scores on tasks instead (see gptlab.eval).
 
 The text is one token stream: end-of-text, then each document followed by end-of-text (as
 prepare writes it). Every token after the first is predicted once, from the tokens before it
@@ -29,10 +30,14 @@ from tokenizers import Tokenizer
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
 from gptlab.data.errors import DataError
+from gptlab.data.fileio import atomic_write_text
 from gptlab.data.prepare import load_manifest
 from gptlab.data.shards import read_shard
 from gptlab.data.sources import load_documents
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.eval.builtin import builtin_tasks
+from gptlab.eval.scoring import score_tasks
+from gptlab.eval.tasks import resolve_task, subsample
 from gptlab.model import GPT
 from gptlab.training.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 
@@ -102,10 +107,13 @@ def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Score the checkpoint `cfg.ckpt_path` on `cfg.text_files` or the val split of
-    `cfg.data_dir` (default: the data the checkpoint was trained on); print and return it."""
+    """Score the checkpoint `cfg.ckpt_path` on `cfg.tasks`, or else on `cfg.text_files` or the
+    val split of `cfg.data_dir` (default: the data the checkpoint was trained on); print and
+    return it."""
     path = resolve_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
     model, tokenizer = load_model(path, cfg.device)
+    if cfg.tasks:
+        return evaluate_tasks(cfg, path, model, tokenizer)
     if cfg.text_files:
         if tokenizer is None:
             raise ValueError(f"{path} carries no tokenizer, so text cannot be encoded")
@@ -126,6 +134,51 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     results |= score(model, stream, num_bytes, cfg.batch_size)
     print_results(results)
     return results
+
+
+def evaluate_tasks(
+    cfg: DictConfig, path: Path, model: GPT, tokenizer: Tokenizer | None
+) -> dict[str, Any]:
+    """Zero-shot scores of the model on `cfg.tasks`; written to `cfg.results_file` if set."""
+    if tokenizer is None:
+        raise ValueError(f"{path} carries no tokenizer, so task text cannot be encoded")
+    names = [cfg.tasks] if isinstance(cfg.tasks, str) else list(cfg.tasks)
+    tasks = []
+    for name in names:
+        if name == "builtin":
+            tasks += builtin_tasks(cfg.data_dir or training_data_dir(path), cfg.seed)
+        else:
+            tasks.append(resolve_task(name))
+    tasks = [subsample(task, cfg.max_examples, cfg.seed) for task in tasks]
+    results = {
+        "checkpoint": str(path),
+        "tasks": score_tasks(model, tokenizer, tasks, cfg.batch_size),
+    }
+    print_task_results(results)
+    if cfg.results_file:
+        atomic_write_text(cfg.results_file, json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def print_task_results(results: dict[str, Any]) -> None:
+    print(f"# {results['checkpoint']}", file=sys.stderr)
+    print(
+        f"{'task':<18} {'n':>6} {'acc':>15} {'acc_norm':>9} {'centred':>8} "
+        f"{'bits/byte':>9} {'ppl':>9} {'examples/s':>10}"
+    )
+    for name, m in results["tasks"].items():
+        acc = f"{m['acc']:.4f} ± {m['acc_stderr']:.4f}"
+        bpb = m.get("gold_bpb", m.get("bpb"))
+        print(
+            f"{name:<18} {m['n']:>6,} {acc:>15} {_cell(m, 'acc_norm', 9)} "
+            f"{_cell(m, 'acc_centred', 8)} {bpb:>9.4f} {_cell(m, 'ppl', 9, '.2f')} "
+            f"{m['examples_per_sec']:>10.1f}"
+        )
+
+
+def _cell(metrics: dict[str, float], key: str, width: int, spec: str = ".4f") -> str:
+    """A metric right-aligned in `width`, or "-" for a metric the task does not have."""
+    return f"{metrics[key]:>{width}{spec}}" if key in metrics else f"{'-':>{width}}"
 
 
 def training_data_dir(checkpoint_path: Path) -> str:
