@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import asdict
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
@@ -30,6 +31,13 @@ from gptlab.training.checkpoint import (
 )
 from gptlab.training.finetune import build_finetune_module
 from gptlab.training.lit_gpt import LitGPT
+from gptlab.training.memory import (
+    MemoryEstimate,
+    available_memory,
+    check_fits,
+    estimate_run_memory,
+    gib,
+)
 from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
 
@@ -122,6 +130,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
     check_launch(trainer)
+    estimate = check_memory(cfg, trainer, model, datamodule)
+    if cfg.estimate_only:
+        return {"memory_estimate": asdict(estimate)}
     name = run_name(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
@@ -132,6 +143,22 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     results = collect_results(trainer, datamodule, callbacks)
     print_results(results)
     return results
+
+
+def check_memory(
+    cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule: Any
+) -> MemoryEstimate:
+    """Print the memory the run needs next to what the device has; refuse it, before anything
+    is allocated, when it would not fit (unless `memory_check=false`)."""
+    seq_len = getattr(datamodule, "block_size", None) or model.config.block_size
+    estimate = estimate_run_memory(
+        trainer, model, datamodule.batch_size, seq_len, cfg.activation_checkpointing
+    )
+    available, source = available_memory(trainer.strategy.root_device)
+    rank_zero_info(f"memory estimate ({source}: {gib(available)}):\n{estimate.table()}")
+    if cfg.memory_check and not cfg.estimate_only:
+        check_fits(model.model.config, estimate, available, source)
+    return estimate
 
 
 @rank_zero_only
