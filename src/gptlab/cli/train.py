@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
+from gptlab.cli.sweep import RESULTS_FILE
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.data.fileio import ensure_writable_dir
+from gptlab.data.fileio import atomic_write_text, ensure_writable_dir
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingRun
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
@@ -116,6 +121,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     """Train as `cfg` says and return the final metrics. Every config error surfaces before the
     first step: the model, optimizer, schedule, data and Trainer are all built first.
     `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
+    started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
     ensure_writable_dir(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
@@ -141,6 +147,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     # weights_only: a checkpoint holds tensors and plain data, never pickled code.
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results = collect_results(trainer, datamodule, callbacks)
+    results["wall_time_s"] = time.perf_counter() - started
+    save_results(cfg.paths.output_dir, results)
     print_results(results)
     return results
 
@@ -211,6 +219,13 @@ def validation_line(results: dict[str, Any]) -> str:
 
 
 @rank_zero_only
+def save_results(output_dir: str, results: dict[str, Any]) -> None:
+    """The final metrics as results.json in the run folder (a sweep's summary reads them)."""
+    text = json.dumps(results, indent=2, default=str, allow_nan=True)
+    atomic_write_text(Path(output_dir) / RESULTS_FILE, text + "\n")
+
+
+@rank_zero_only
 def print_results(results: dict[str, Any]) -> None:
     print(f"\nstep {results['step']}")
     print(validation_line(results))
@@ -228,7 +243,10 @@ def print_results(results: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     keep_log_file_on_rank_zero()
-    with report_user_errors("gptlab-train"):
+    # In a sweep a job's error is written to its folder and the other jobs still run; the
+    # sweep's summary lists it and the sweep exits with status 1 (see gptlab.cli.sweep).
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    with report_user_errors("gptlab-train", cfg.paths.output_dir if in_sweep else None):
         train(cfg)
 
 
