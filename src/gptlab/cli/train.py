@@ -183,10 +183,10 @@ def collect_results(
     results: dict[str, Any] = {
         "step": trainer.global_step,
         "val_step": trainer.lightning_module.validated_at_step,  # None: no validation ran
-        "val_loss": metrics.get("val/loss", math.nan),
-        "val_ppl": metrics.get("val/ppl", math.nan),
-        "val_acc": metrics.get("val/acc", math.nan),
-        "val_majority_acc": metrics.get("val/majority_acc", math.nan),
+        "val_loss": metrics.get("loss/val", math.nan),
+        "val_ppl": metrics.get("loss/val_ppl", math.nan),
+        "val_acc": metrics.get("accuracy/val", math.nan),
+        "val_majority_acc": metrics.get("accuracy/val_majority", math.nan),
         "unigram_entropy": manifest.get("unigram_entropy", math.nan),
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
         "samples": [],

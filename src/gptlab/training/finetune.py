@@ -106,14 +106,14 @@ class LitSFT(LitGPT):
         return next_token_loss(self.model(x, segments=segments[0] if segments else None), y)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
-        # Weight by response tokens so val/loss is the exact mean over all of them.
+        # Weight by response tokens so loss/val is the exact mean over all of them.
         self.val_loss.update(self.batch_loss(batch), weight=(batch[1] != IGNORE_INDEX).sum())
 
 
 class LitClassifier(LitGPT):
     """The GPT with its LM head replaced by an n-class head, read at each example's last token
     (padding is PAD_ID). Logs loss and accuracy, and the accuracy of always predicting
-    `baseline_class` (the training split's majority class) as val/majority_acc."""
+    `baseline_class` (the training split's majority class) as accuracy/val_majority."""
 
     def __init__(
         self,
@@ -154,8 +154,8 @@ class LitClassifier(LitGPT):
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
         self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc)
+        self.log("loss/train", loss, prog_bar=True)
+        self.log("accuracy/train", self.train_acc)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -167,10 +167,10 @@ class LitClassifier(LitGPT):
             self.majority_acc.update(torch.full_like(y, self.baseline_class), y)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
-        self.log("val/acc", self.val_acc.compute(), prog_bar=True, sync_dist=False)
+        self.log("loss/val", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.log("accuracy/val", self.val_acc.compute(), prog_bar=True, sync_dist=False)
         if self.baseline_class is not None:
-            self.log("val/majority_acc", self.majority_acc.compute(), sync_dist=False)
+            self.log("accuracy/val_majority", self.majority_acc.compute(), sync_dist=False)
         for metric in (self.val_loss, self.val_acc, self.majority_acc):
             metric.reset()
 
