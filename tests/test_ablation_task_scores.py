@@ -48,7 +48,7 @@ def test_a_sweep_is_scored_per_variant_and_seed(tiny_data_dir, tmp_path):
             f"- model.n_embd={width}\n- seed={seed}\n"
         )
         with SummaryWriter(job_dir / "tensorboard") as writer:
-            writer.add_scalar("val/loss", 5.0 + width / 100 + seed / 1000, 10)
+            writer.add_scalar("loss/val", 5.0 + width / 100 + seed / 1000, 10)
         torch.manual_seed(seed)
         model = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=1, n_head=2, n_embd=width))
         (job_dir / "checkpoints").mkdir()

@@ -15,7 +15,7 @@ from experiments.ablations.length_generalisation import (
     length_table,
     loss_by_position,
 )
-from gptlab.analysis import count_params, find_sweep, load_sweep
+from gptlab.analysis import count_params, find_sweep, load_sweep, read_scalars
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.lit_gpt import next_token_loss
@@ -40,12 +40,12 @@ def write_job(
     (job / ".hydra" / "config.yaml").write_text(f"data:\n  dir: {data_dir}\n")
     writer = SummaryWriter(str(job / "tensorboard"))
     for i, loss in enumerate(val_losses):
-        writer.add_scalar("val/loss", loss, 10 * (i + 1))
+        writer.add_scalar("loss/val", loss, 10 * (i + 1))
     for step, tps in enumerate([100.0, 1000.0 * seed, 1000.0 * seed]):  # median: 1000 * seed
         writer.add_scalar("perf/tokens_per_sec", tps, step)
     for layer, sink in enumerate([0.2, 0.4]):
-        writer.add_scalar(f"attention/sink/layer_{layer}", sink, 30)
-        writer.add_scalar(f"attention/entropy/layer_{layer}", 1.0 + layer, 30)
+        writer.add_scalar(f"model/attention_sink/layer_{layer}", sink, 30)
+        writer.add_scalar(f"model/attention_entropy/layer_{layer}", 1.0 + layer, 30)
     writer.close()
     torch.manual_seed(seed)
     model = GPT(GPTConfig(**TINY, position=position))
@@ -108,3 +108,20 @@ def test_length_table_compares_beyond_with_the_late_range():
     table = length_table({"rope": [run, run + 1], "learned": ["n/a: why"]}, 8, 2)
     assert "| rope | 3.000 ± 0.707 | 2.500 ± 0.707 | 3.000 ± 0.707 | +0.500 ± 0.000 |" in table
     assert "| learned | n/a: why |" in table
+
+
+def test_runs_logged_under_the_old_tag_names_read_under_the_new(tmp_path):
+    writer = SummaryWriter(str(tmp_path))
+    for old in ("val/loss", "train/loss", "val/ppl", "val/acc", "attention/sink/layer_3"):
+        writer.add_scalar(old, 1.5, 7)
+    writer.add_scalar("perf/mfu", 0.4, 7)
+    writer.close()
+    assert set(read_scalars(tmp_path)) == {
+        "loss/val",
+        "loss/train",
+        "loss/val_ppl",
+        "accuracy/val",
+        "model/attention_sink/layer_3",
+        "perf/mfu",
+    }
+    assert read_scalars(tmp_path)["loss/val"] == [(7, 1.5)]

@@ -114,9 +114,9 @@ def test_callback_logs_per_layer_scalars_and_maps(tiny_data_dir, tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
     n_layer, T = 2, 24
     for i in range(n_layer):
-        entropy = events.Scalars(f"attention/entropy/layer_{i}")
-        sink = events.Scalars(f"attention/sink/layer_{i}")
+        entropy = events.Scalars(f"model/attention_entropy/layer_{i}")
+        sink = events.Scalars(f"model/attention_sink/layer_{i}")
         assert [e.step for e in entropy] == [0, 2, 3]  # start, every 2 steps, end
         assert all(0 < e.value < math.log(T) for e in entropy)
         assert all(0 < e.value < 1 for e in sink)
-        assert len(events.Images(f"attention/map/layer_{i}")) == 3
+        assert len(events.Images(f"model/attention_map/layer_{i}")) == 3

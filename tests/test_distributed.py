@@ -96,8 +96,8 @@ def test_two_rank_ddp_matches_one_rank_with_the_same_global_batch(prepared):
     one_model, _ = load_model(next(one_dir.glob("logs/train/runs/*/checkpoints/last.ckpt")))
     for p, q in zip(ddp_model.parameters(), one_model.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
-    ddp_val = scalars(ddp_dir, "val/loss")
-    torch.testing.assert_close(ddp_val, scalars(one_dir, "val/loss"), rtol=1e-5, atol=1e-5)
+    ddp_val = scalars(ddp_dir, "loss/val")
+    torch.testing.assert_close(ddp_val, scalars(one_dir, "loss/val"), rtol=1e-5, atol=1e-5)
 
     # One run directory, one log file, one TensorBoard event file, one report.
     (run,) = (ddp_dir / "logs" / "train" / "runs").iterdir()

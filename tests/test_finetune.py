@@ -311,7 +311,7 @@ def test_sft_learns_the_responses_with_the_checkpoints_tokenizer(
 
     results = train(cfg)
     assert results["val_loss"] < 0.5 * before, (before, results["val_loss"])
-    # The exported model scores the held-out responses as the run's val/loss said.
+    # The exported model scores the held-out responses as the run's loss/val said.
     finetuned, _ = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert response_loss(finetuned, datamodule) == pytest.approx(results["val_loss"], rel=1e-4)
     assert len(results["samples"]) == 3 and results["samples"][0].startswith("### Instruction:")

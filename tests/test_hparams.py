@@ -41,7 +41,9 @@ def test_final_metrics_and_hyperparameters_reach_the_hparams_dashboard(tiny_data
 
     experiment = hparams_plugin(events, "_hparams_/experiment").experiment
     names = {info.name.tag for info in experiment.metric_infos}
-    assert names == {"hparams/val/loss", "hparams/val/ppl", "hparams/train/loss"}
-    (final,) = events.Scalars("hparams/val/loss")
-    assert final.step == 4 and final.value == pytest.approx(results["val_loss"])
-    assert len(events.Scalars("val/loss")) == 2  # the curve itself is untouched
+    assert names == {"loss/val", "loss/val_ppl", "loss/train"}  # the curves themselves
+    curve = events.Scalars("loss/val")
+    assert len(curve) == 2  # the two validations: no copy of the metric was added to it
+    assert curve[-1].value == pytest.approx(results["val_loss"])
+    assert not [tag for tag in events.Tags()["scalars"] if tag.startswith("hparams/")]
+    assert "epoch" not in events.Tags()["scalars"]

@@ -76,7 +76,7 @@ def logged_losses(run_dir: Path) -> dict[int, float]:
     with path.open() as f:
         for row in csv.DictReader(f):
             try:
-                losses[int(row["step"])] = float(row["train/loss"])
+                losses[int(row["step"])] = float(row["loss/train"])
             except (KeyError, TypeError, ValueError):
                 continue
     return losses

@@ -62,7 +62,7 @@ def test_short_run_learns_logs_and_reloads(tiny_data_dir, tmp_path):
     assert len(results["samples"]) == 3
 
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
-    assert {"train/loss", "val/loss", "val/ppl", "perf/tokens_per_sec"} <= set(
+    assert {"loss/train", "loss/val", "loss/val_ppl", "perf/tokens_per_sec"} <= set(
         events.Tags()["scalars"]
     )
     assert any(tag.startswith("samples/") for tag in events.Tags()["tensors"])

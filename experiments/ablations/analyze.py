@@ -31,11 +31,11 @@ class VariantSummary:
     name: str
     seeds: int
     params: int
-    val_loss: tuple[float, float]  # final val/loss, mean and std over seeds
+    val_loss: tuple[float, float]  # final loss/val, mean and std over seeds
     tokens_per_sec: tuple[float, float]  # each run's median, mean and std over seeds
     entropy: float | None  # final attention entropy, mean over layers and seeds
     sink: float | None  # final first-token attention share, likewise
-    curve: dict[int, list[float]]  # step -> val/loss of each seed
+    curve: dict[int, list[float]]  # step -> loss/val of each seed
 
 
 def group_by_variant(jobs: list[SweepJob]) -> dict[str, list[SweepJob]]:
@@ -64,15 +64,15 @@ def summarize_variant(name: str, jobs: list[SweepJob]) -> VariantSummary:
         raise ValueError(f"variant {name!r}: its seeds trained different models")
     curve: dict[int, list[float]] = {}
     for job in jobs:
-        for step, value in job.scalars["val/loss"]:
+        for step, value in job.scalars["loss/val"]:
             curve.setdefault(step, []).append(value)
-    entropies = [layer_mean(job, "attention/entropy/") for job in jobs]
-    sinks = [layer_mean(job, "attention/sink/") for job in jobs]
+    entropies = [layer_mean(job, "model/attention_entropy/") for job in jobs]
+    sinks = [layer_mean(job, "model/attention_sink/") for job in jobs]
     return VariantSummary(
         name=name,
         seeds=len(jobs),
         params=count_params(config),
-        val_loss=mean_std([job.final("val/loss") for job in jobs]),
+        val_loss=mean_std([job.final("loss/val") for job in jobs]),
         tokens_per_sec=mean_std(
             [statistics.median(v for _, v in job.scalars["perf/tokens_per_sec"]) for job in jobs]
         ),

@@ -57,7 +57,7 @@ def score_sweep(sweep_dir: Path) -> list[Variant]:
             data_dir = training_data_dir(job.checkpoint)
             tasks = tasks_by_data.setdefault(data_dir, builtin_tasks(data_dir))
             scores = score_tasks(model, tokenizer, tasks, batch_size=64)
-            values[LOSS].append(job.final("val/loss"))
+            values[LOSS].append(job.final("loss/val"))
             for column, task, metric, _ in METRICS:
                 values[column].append(scores[task][metric])
         variants.append(Variant(name, values))

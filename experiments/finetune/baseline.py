@@ -22,7 +22,7 @@ def main(overrides: list[str]) -> None:
     model = build_model(cfg, datamodule)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     (metrics,) = trainer.validate(model, datamodule=datamodule, verbose=False)
-    print(f"pretrained model, no finetuning: val/loss {metrics['val/loss']:.4f}")
+    print(f"pretrained model, no finetuning: loss/val {metrics['loss/val']:.4f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import yaml
 
 from gptlab.analysis import read_scalars
 
-METRICS = ("val/loss", "val/acc", "val/majority_acc")
+METRICS = ("loss/val", "accuracy/val", "accuracy/val_majority")
 
 
 def last_values(events_dir: Path) -> dict[str, tuple[int, float]]:

@@ -3,7 +3,7 @@
     python experiments/tensorboard_views/render.py logs/train/runs/<run> <out dir>
 
 From the run's event files it writes
-  curves.png             the Scalars tab: train/loss and val/loss, and the attention diagnostics
+  curves.png             the Scalars tab: loss/train and loss/val, and the attention diagnostics
                          (entropy and first-token share per layer) when the run logged them;
   attention_layer_i.png  the Images tab: the last attention map of each layer, as logged;
   samples.md             the Text tab: the last generated sample of each prompt.
@@ -38,9 +38,9 @@ def layer_tags(tags: list[str], prefix: str) -> list[str]:
 
 def plot_curves(events: EventAccumulator, out: Path) -> None:
     scalars = events.Tags()["scalars"]
-    panels = [("loss (nats/token)", [t for t in ("train/loss", "val/loss") if t in scalars])]
-    for name, prefix in (("attention entropy (nats)", "attention/entropy/"),
-                         ("attention on the first token", "attention/sink/")):  # fmt: skip
+    panels = [("loss (nats/token)", [t for t in ("loss/train", "loss/val") if t in scalars])]
+    for name, prefix in (("attention entropy (nats)", "model/attention_entropy/"),
+                         ("attention on the first token", "model/attention_sink/")):  # fmt: skip
         if layer_tags(scalars, prefix):
             panels.append((name, layer_tags(scalars, prefix)))
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -59,7 +59,7 @@ def plot_curves(events: EventAccumulator, out: Path) -> None:
 
 def write_attention_maps(events: EventAccumulator, out_dir: Path) -> list[Path]:
     written = []
-    for tag in layer_tags(events.Tags()["images"], "attention/map/"):
+    for tag in layer_tags(events.Tags()["images"], "model/attention_map/"):
         last = events.Images(tag)[-1]  # TensorBoard keeps the PNG bytes it was given
         path = out_dir / f"attention_{tag.rsplit('/', 1)[-1]}.png"
         path.write_bytes(last.encoded_image_string)

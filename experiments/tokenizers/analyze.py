@@ -28,7 +28,7 @@ def load_run(run_dir: Path) -> dict:
     data_dir = Path(training_data_dir(run_dir / "checkpoints" / "last.ckpt"))
     manifest = json.loads((data_dir / "manifest.json").read_text())
     logged = read_scalars(run_dir / "tensorboard")
-    scalars = {tag: list(zip(*logged[tag], strict=True)) for tag in ("train/loss", "val/loss")}
+    scalars = {tag: list(zip(*logged[tag], strict=True)) for tag in ("loss/train", "loss/val")}
     return {
         "dir": run_dir,
         "tokenizer": manifest["tokenizer"]["kind"],
@@ -43,17 +43,17 @@ def plot(runs: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for run in runs:
         label = f"{run['tokenizer']} ({run['vocab']})"
-        steps, train = run["scalars"]["train/loss"]
+        steps, train = run["scalars"]["loss/train"]
         axes[0].plot(steps, train, label=label, alpha=0.8)
-        steps, val = run["scalars"]["val/loss"]
+        steps, val = run["scalars"]["loss/val"]
         axes[1].plot(steps, val, marker="o", label=label)
         # nats/token -> bits/byte with the val split's bytes per token (the validation windows
         # are a sample of that split, so this is close to, not exactly, gptlab-eval's number).
         bpb = [v / (math.log(2) * run["bytes_per_token"]) for v in val]
         axes[2].plot(steps, bpb, marker="o", label=label)
     titles = [
-        "train/loss (nats per token)",
-        "val/loss (nats per token): not comparable",
+        "loss/train (nats per token)",
+        "loss/val (nats per token): not comparable",
         "val bits per byte: comparable across tokenizers",
     ]
     for ax, title in zip(axes, titles, strict=True):

@@ -4,7 +4,7 @@
 
     logs/<task>/multiruns/<date_time>/<job number>/
         .hydra/overrides.yaml     this job's overrides, e.g. [model/position=rope, seed=1]
-        tensorboard/              the logged scalars (val/loss, perf/tokens_per_sec, ...)
+        tensorboard/              the logged scalars (loss/val, perf/tokens_per_sec, ...)
         checkpoints/last.ckpt     the model at the end, its config in the hyperparameters
 """
 
@@ -21,6 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.checkpoint import load_checkpoint
+from gptlab.training.tensorboard import current_tag
 
 Scalars = dict[str, list[tuple[int, float]]]  # tag -> [(step, value), ...]
 
@@ -77,9 +78,12 @@ def load_job(job_dir: Path) -> SweepJob:
 
 
 def read_scalars(tensorboard_dir: Path) -> Scalars:
+    """Every scalar curve of a run; runs logged before the tags were renamed read under the
+    current names (`loss/val` as `loss/val`, see gptlab.training.tensorboard)."""
     events = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0}).Reload()
     return {
-        tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]
+        current_tag(tag): [(e.step, e.value) for e in events.Scalars(tag)]
+        for tag in events.Tags()["scalars"]
     }
 
 

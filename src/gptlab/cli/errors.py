@@ -6,18 +6,24 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from hydra.errors import InstantiationException
+
+from gptlab.data.fileio import atomic_write_text
 
 # Bad values and data (ValueError, incl. DataError), missing or unwritable files and full disks
 # (OSError), a diverged run (TrainingDivergedError is a FloatingPointError), and errors raised
 # while Hydra builds a `_target_` (the datamodule, Trainer, callbacks, loggers).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, InstantiationException)
+ERROR_FILE = "error.txt"  # a failed sweep job's error, in its folder
 
 
 @contextlib.contextmanager
-def report_user_errors(tool: str) -> Iterator[None]:
+def report_user_errors(tool: str, sweep_job_dir: str | None = None) -> Iterator[None]:
     """Print `USER_ERRORS` raised inside as ``<tool>: error: <message>``; exit with status 1.
+    In a sweep job (`sweep_job_dir`), write the message to its error.txt and return instead,
+    so that the sweep's other jobs still run.
 
     ``HYDRA_FULL_ERROR=1`` re-raises them with the full traceback, as for Hydra's own errors.
     """
@@ -27,7 +33,10 @@ def report_user_errors(tool: str) -> Iterator[None]:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{tool}: error: {describe(err)}", file=sys.stderr)
-        raise SystemExit(1) from None
+        if sweep_job_dir is None:
+            raise SystemExit(1) from None
+        first_line = describe(err).splitlines()[0]
+        atomic_write_text(Path(sweep_job_dir) / ERROR_FILE, first_line + "\n")
 
 
 def describe(err: BaseException) -> str:

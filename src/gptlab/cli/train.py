@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+import json
 import math
+import time
 from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
+from gptlab.cli.sweep import RESULTS_FILE
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.data.fileio import ensure_writable_dir
+from gptlab.data.fileio import atomic_write_text, ensure_writable_dir
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingRun
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
@@ -31,6 +37,13 @@ from gptlab.training.checkpoint import (
 from gptlab.training.console import quiet_known_notices
 from gptlab.training.finetune import build_finetune_module
 from gptlab.training.lit_gpt import LitGPT
+from gptlab.training.memory import (
+    MemoryEstimate,
+    available_memory,
+    check_fits,
+    estimate_run_memory,
+    gib,
+)
 from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
 
@@ -109,6 +122,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     """Train as `cfg` says and return the final metrics. Every config error surfaces before the
     first step: the model, optimizer, schedule, data and Trainer are all built first.
     `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
+    started = time.perf_counter()
     quiet_known_notices()
     L.seed_everything(cfg.seed, workers=True)
     ensure_writable_dir(cfg.paths.output_dir)
@@ -124,6 +138,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
     check_launch(trainer)
+    estimate = check_memory(cfg, trainer, model, datamodule)
+    if cfg.estimate_only:
+        return {"memory_estimate": asdict(estimate)}
     name = run_name(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
@@ -132,8 +149,26 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     # weights_only: a checkpoint holds tensors and plain data, never pickled code.
     trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     results = collect_results(trainer, datamodule, callbacks)
+    results["wall_time_s"] = time.perf_counter() - started
+    save_results(cfg.paths.output_dir, results)
     print_results(results)
     return results
+
+
+def check_memory(
+    cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule: Any
+) -> MemoryEstimate:
+    """Print the memory the run needs next to what the device has; refuse it, before anything
+    is allocated, when it would not fit (unless `memory_check=false`)."""
+    seq_len = getattr(datamodule, "block_size", None) or model.config.block_size
+    estimate = estimate_run_memory(
+        trainer, model, datamodule.batch_size, seq_len, cfg.activation_checkpointing
+    )
+    available, source = available_memory(trainer.strategy.root_device)
+    rank_zero_info(f"memory estimate ({source}: {gib(available)}):\n{estimate.table()}")
+    if cfg.memory_check and not cfg.estimate_only:
+        check_fits(model.model.config, estimate, available, source)
+    return estimate
 
 
 @rank_zero_only
@@ -150,10 +185,10 @@ def collect_results(
     results: dict[str, Any] = {
         "step": trainer.global_step,
         "val_step": trainer.lightning_module.validated_at_step,  # None: no validation ran
-        "val_loss": metrics.get("val/loss", math.nan),
-        "val_ppl": metrics.get("val/ppl", math.nan),
-        "val_acc": metrics.get("val/acc", math.nan),
-        "val_majority_acc": metrics.get("val/majority_acc", math.nan),
+        "val_loss": metrics.get("loss/val", math.nan),
+        "val_ppl": metrics.get("loss/val_ppl", math.nan),
+        "val_acc": metrics.get("accuracy/val", math.nan),
+        "val_majority_acc": metrics.get("accuracy/val_majority", math.nan),
         "unigram_entropy": manifest.get("unigram_entropy", math.nan),
         "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None),
         "samples": [],
@@ -186,6 +221,13 @@ def validation_line(results: dict[str, Any]) -> str:
 
 
 @rank_zero_only
+def save_results(output_dir: str, results: dict[str, Any]) -> None:
+    """The final metrics as results.json in the run folder (a sweep's summary reads them)."""
+    text = json.dumps(results, indent=2, default=str, allow_nan=True)
+    atomic_write_text(Path(output_dir) / RESULTS_FILE, text + "\n")
+
+
+@rank_zero_only
 def print_results(results: dict[str, Any]) -> None:
     print(f"\nstep {results['step']}")
     print(validation_line(results))
@@ -203,7 +245,10 @@ def print_results(results: dict[str, Any]) -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     keep_log_file_on_rank_zero()
-    with report_user_errors("gptlab-train"):
+    # In a sweep a job's error is written to its folder and the other jobs still run; the
+    # sweep's summary lists it and the sweep exits with status 1 (see gptlab.cli.sweep).
+    in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    with report_user_errors("gptlab-train", cfg.paths.output_dir if in_sweep else None):
         train(cfg)
 
 

@@ -276,7 +276,7 @@ class ScalingRun(L.Callback):
         self._started = (time.perf_counter(), time.process_time())
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("val/loss")
+        loss = trainer.callback_metrics.get("loss/val")
         if loss is not None and not trainer.sanity_checking:
             self._final_val = (trainer.global_step, float(loss))
 

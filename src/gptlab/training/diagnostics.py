@@ -2,11 +2,11 @@
 
 For a fixed prompt from the validation data, every N steps:
 
-- `attention/entropy/layer_i`: mean entropy (nats) of the attention distributions. Uniform
+- `model/attention_entropy/layer_i`: mean entropy (nats) of the attention distributions. Uniform
   attention over t visible tokens has entropy log t; a head that looks at one token has 0.
-- `attention/sink/layer_i`: mean attention mass on the first token. Trained LMs often park
+- `model/attention_sink/layer_i`: mean attention mass on the first token. Trained LMs often park
   attention there when a head has nothing to do (Xiao et al. 2023, "attention sinks").
-- `attention/map/layer_i`: one heat map per head (query rows, key columns).
+- `model/attention_map/layer_i`: one heat map per head (query rows, key columns).
 
 Both scalars average over heads and over queries 1..T-1: query 0 can only attend to itself.
 """
@@ -146,11 +146,11 @@ class AttentionDiagnosticsCallback(L.Callback):
         if writer is None:
             return
         for i, (s, p) in enumerate(zip(stats, probs, strict=True)):
-            writer.add_scalar(f"attention/entropy/layer_{i}", s["entropy"], step)
-            writer.add_scalar(f"attention/sink/layer_{i}", s["sink"], step)
+            writer.add_scalar(f"model/attention_entropy/layer_{i}", s["entropy"], step)
+            writer.add_scalar(f"model/attention_sink/layer_{i}", s["sink"], step)
             if self.images:
                 image = attention_figure(p[0], f"layer {i}, step {step}")
-                writer.add_image(f"attention/map/layer_{i}", image, step, dataformats="HWC")
+                writer.add_image(f"model/attention_map/layer_{i}", image, step, dataformats="HWC")
 
 
 def tensorboard_writer(trainer: L.Trainer) -> Any | None:

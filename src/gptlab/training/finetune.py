@@ -93,7 +93,7 @@ class LitSFT(LitGPT):
     segment ids, which the model is given.
 
     The training loss of an optimizer step is the mean over all its response tokens, on every
-    rank and in every accumulated micro-batch, as val/loss is over the validation set: a
+    rank and in every accumulated micro-batch, as loss/val is over the validation set: a
     micro-batch with more response tokens weighs more. The total is known only once the last
     micro-batch is in, so each micro-batch backpropagates its summed loss divided by a constant,
     `loss_divisor`, and `on_before_optimizer_step` rescales the gradients to the mean.
@@ -145,18 +145,18 @@ class LitSFT(LitGPT):
             if param.grad is not None:
                 param.grad.mul_(scale / tokens.clamp(min=1))
         if trainer.progress_bar_callback or is_logging_step(trainer, self.global_step + 1):
-            self.log("train/loss", loss / tokens.clamp(min=1), prog_bar=True)
+            self.log("loss/train", loss / tokens.clamp(min=1), prog_bar=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         loss, count = self.response_loss(batch)
-        # Weighted by response tokens, val/loss is the exact mean over all of them.
+        # Weighted by response tokens, loss/val is the exact mean over all of them.
         self.val_loss.update(loss / count, weight=count)
 
 
 class LitClassifier(LitGPT):
     """The GPT with its LM head replaced by an n-class head, read at each example's last token
     (padding is PAD_ID). Logs loss and accuracy, and the accuracy of always predicting
-    `baseline_class` (the training split's majority class) as val/majority_acc."""
+    `baseline_class` (the training split's majority class) as accuracy/val_majority."""
 
     def __init__(
         self,
@@ -197,8 +197,8 @@ class LitClassifier(LitGPT):
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
         self.train_acc(logits, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", self.train_acc)
+        self.log("loss/train", loss, prog_bar=True)
+        self.log("accuracy/train", self.train_acc)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
@@ -210,10 +210,10 @@ class LitClassifier(LitGPT):
             self.majority_acc.update(torch.full_like(y, self.baseline_class), y)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=False)
-        self.log("val/acc", self.val_acc.compute(), prog_bar=True, sync_dist=False)
+        self.log("loss/val", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.log("accuracy/val", self.val_acc.compute(), prog_bar=True, sync_dist=False)
         if self.baseline_class is not None:
-            self.log("val/majority_acc", self.majority_acc.compute(), sync_dist=False)
+            self.log("accuracy/val_majority", self.majority_acc.compute(), sync_dist=False)
         for metric in (self.val_loss, self.val_acc, self.majority_acc):
             metric.reset()
 

@@ -46,7 +46,7 @@ class NonFiniteGuard(L.Callback):
 
     A loss spike is a finite loss above `spike_factor` x the mean loss of the previous
     `spike_window` steps (checked once that many are in); it is logged as a warning and counted
-    in the `train/loss_spikes` metric. `spike_factor=None` turns spike detection off.
+    in the `stability/loss_spikes` metric. `spike_factor=None` turns spike detection off.
     """
 
     def __init__(
@@ -86,9 +86,9 @@ class NonFiniteGuard(L.Callback):
             self.bad_streak = 0
             self._check_spike(trainer, loss)
         if is_logging_step(trainer, trainer.global_step + 1):  # the step about to be taken
-            pl_module.log("train/skipped_steps", float(self.skipped))
+            pl_module.log("stability/skipped_steps", float(self.skipped))
             if self.spike_factor is not None:
-                pl_module.log("train/loss_spikes", float(self.spikes))
+                pl_module.log("stability/loss_spikes", float(self.spikes))
 
     def _skip(self, trainer: L.Trainer, optimizer: torch.optim.Optimizer, what: str) -> None:
         optimizer.zero_grad(set_to_none=True)

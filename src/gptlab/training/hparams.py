@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
+
+from gptlab.training.tensorboard import StreamTensorBoardLogger
 
 
 class HParamsCallback(L.Callback):
@@ -16,26 +17,26 @@ class HParamsCallback(L.Callback):
 
     The hyperparameters are LitGPT's (model, optimizer, scheduler), the data module's, the
     Trainer's step budget, accumulation, precision and world size, and `params` (config values
-    that live elsewhere, such as the tokenizer). The metrics appear as ``hparams/<name>``
-    (e.g. ``hparams/val/loss``), logged at the last step, so the curves stay untouched.
+    that live elsewhere, such as the tokenizer). The metrics are the run's own curves (e.g.
+    ``loss/val``): the HParams tab shows the last value of each.
     """
 
     def __init__(
         self,
-        metrics: Sequence[str] = ("val/loss", "val/ppl", "train/loss"),
+        metrics: Sequence[str] = ("loss/val", "loss/val_ppl", "loss/train"),
         params: Mapping[str, Any] | None = None,
     ) -> None:
         self.metrics = list(metrics)
         self.params = dict(params or {})
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, StreamTensorBoardLogger)]
         if not loggers:
             return
         params = self.run_params(trainer, pl_module)
         values = {name: trainer.callback_metrics.get(name) for name in self.metrics}
         metrics = {
-            f"hparams/{name}": float(value)
+            name: float(value)
             for name, value in values.items()
             if value is not None and math.isfinite(float(value))
         }

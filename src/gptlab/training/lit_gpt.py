@@ -99,12 +99,12 @@ class LitGPT(L.LightningModule):
         # A progress bar shows the loss every step; without one, log only what gets written.
         trainer = self.trainer
         if trainer.progress_bar_callback or is_logging_step(trainer, self.global_step + 1):
-            self.log("train/loss", loss, prog_bar=True)
+            self.log("loss/train", loss, prog_bar=True)
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        # Weight by token count so val/loss is the exact mean over all validation tokens.
+        # Weight by token count so loss/val is the exact mean over all validation tokens.
         self.val_loss.update(next_token_loss(self.model(x), y), weight=y.numel())
 
     def on_validation_end(self) -> None:
@@ -115,8 +115,8 @@ class LitGPT(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=False)
-        self.log("val/ppl", torch.exp(loss), sync_dist=False)
+        self.log("loss/val", loss, prog_bar=True, sync_dist=False)
+        self.log("loss/val_ppl", torch.exp(loss), sync_dist=False)
 
     def configure_optimizers(self) -> dict[str, Any]:
         check_optimizer_strategy(self.optimizer_config.name, self.trainer.strategy)
