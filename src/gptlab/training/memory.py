@@ -19,7 +19,7 @@ H = n_head, T = sequence length), as autograd saves them on a CPU:
 
     norm inputs 2C  +  q/k/v projection input C  +  q, k, v: C + 2 Ckv  +  attention output C
     (also the output projection's input)  +  MLP input C  +  MLP hidden: 2F (gelu, relu2) or 4F
-    (swiglu)  +  GQA's k and v repeated to full width 2C  +  QK-norm inputs and outputs
+    (swiglu)  +  QK-norm inputs and outputs
     2 (C + Ckv)  +  RoPE's rotated q and k and their halves 2 (C + Ckv)
 
     + attention probabilities H T where they are materialised: the eager backend, and sdpa when
@@ -137,8 +137,6 @@ def layer_elements(config: GPTConfig, seq_len: int) -> tuple[int, int]:
     hidden = mlp_hidden(config)
     matmul = c + (c + 2 * kv) + c + c  # qkv input, q/k/v, attention output, MLP input
     matmul += 4 * hidden if config.mlp == "swiglu" else 2 * hidden
-    if config.kv_heads != config.n_head:
-        matmul += 2 * c  # k and v repeated to every query head
     if config.qk_norm:
         matmul += 2 * (c + kv)  # the norms' inputs and outputs
     if config.position == "rope":

@@ -22,6 +22,7 @@ RENAMED_TAGS = {
     "val/acc": "accuracy/val",
     "val/majority_acc": "accuracy/val_majority",
     "train/loss_spikes": "stability/loss_spikes",
+    "train/skipped_steps": "stability/skipped_steps",
     "attention/entropy/": "model/attention_entropy/",
     "attention/sink/": "model/attention_sink/",
     "attention/map/": "model/attention_map/",
