@@ -473,15 +473,20 @@ def test_freeze_blocks_and_lora_choose_what_trains():
 
 
 def test_classification_learns_a_keyword_task(pretrained_ckpt, tiny_data_dir, tmp_path):
-    """Which colour word hides among other words: easy, but only when reading the text."""
+    """Which colour word hides among other words: easy, but only when reading the text.
+
+    Easy enough that the model has learnt it well before the last step on any CPU: with 8
+    words around the colour and lr 1e-2, the step at which learning set in varied so much
+    between CPUs (and seeds) that the accuracy ended anywhere from the majority class's to 0.8.
+    """
     filler = words(300)
     colours = ["red", "green", "blue"]
     generator = torch.Generator().manual_seed(0)
     records = []
     for i in range(240):
         label = colours[i % 4 % 3]  # uneven classes: red is the majority
-        picks = [filler[int(j)] for j in torch.randint(0, len(filler), (8,), generator=generator)]
-        picks.insert(int(torch.randint(0, 9, (1,), generator=generator)), label)
+        picks = [filler[int(j)] for j in torch.randint(0, len(filler), (2,), generator=generator)]
+        picks.insert(int(torch.randint(0, 3, (1,), generator=generator)), label)
         records.append({"sentence": " ".join(picks), "colour": label})
     data = write_jsonl(tmp_path / "colours.jsonl", records)
     cfg = finetune_config(
@@ -495,7 +500,7 @@ def test_classification_learns_a_keyword_task(pretrained_ckpt, tiny_data_dir, tm
         "data.label_field=colour",
         "data.num_classes=null",
         "data.loader.batch_size=16",
-        "optimizer.lr=1e-2",
+        "optimizer.lr=3e-3",
         "scheduler.warmup_steps=5",
         "trainer.max_steps=120",
         "trainer.val_check_interval=60",
