@@ -1,4 +1,5 @@
-"""Reading Hydra multirun sweeps back, for the analysis scripts under experiments/.
+"""Reading Hydra multirun sweeps back, and the statistics studies report: differences over
+seeds (Welch's t-test) and the muP coordinate check.
 
 `gptlab-train -m ...` (or an experiment with `hydra.mode: MULTIRUN`) writes one folder per job:
 
@@ -12,15 +13,18 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.checkpoint import load_checkpoint
+from gptlab.training.optim import OptimizerConfig, build_adamw
 from gptlab.training.tensorboard import current_tag
 
 Scalars = dict[str, list[tuple[int, float]]]  # tag -> [(step, value), ...]
@@ -183,3 +187,50 @@ def beta_continued_fraction(x: float, a: float, b: float) -> float:
         if abs(d * c - 1.0) < 1e-15:
             break
     return h
+
+
+def coordinate_check(
+    config: GPTConfig,
+    widths: Sequence[int],
+    steps: int = 3,
+    lr: float = 1e-2,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> dict[int, dict[str, float]]:
+    """How far each layer's activations move in `steps` AdamW steps, at each width: the
+    coordinate check of Yang et al. (Tensor Programs V, figure 5). Each model is `config` at
+    n_embd=width (same heads, so head size grows), trained on one fixed random batch; the
+    result maps width -> {layer: mean |x_steps - x_0|} for the token embedding, every block's
+    output and the logits. Under muP (with `config.mup_base_width` set) these stay flat as the
+    width grows; under SP they grow with it."""
+    results = {}
+    for width in widths:
+        torch.manual_seed(seed)
+        model = GPT(replace(config, n_embd=width))
+        idx = torch.randint(0, config.vocab_size, (batch_size, config.block_size + 1))
+        inputs, targets = idx[:, :-1], idx[:, 1:]
+        optimizer = build_adamw(model, OptimizerConfig(lr=lr, weight_decay=0.0))
+        before = layer_outputs(model, inputs)
+        for _ in range(steps):
+            logits = model(inputs)
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        after = layer_outputs(model, inputs)
+        results[width] = {k: (after[k] - before[k]).abs().mean().item() for k in before}
+    return results
+
+
+@torch.no_grad()
+def layer_outputs(model: GPT, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The token embedding, each block's output and the logits of `model` on `idx`."""
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [model.wte.register_forward_hook(lambda m, i, o: outputs.__setitem__("embedding", o))]
+    for n, block in enumerate(model.blocks):
+        hooks.append(
+            block.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(f"block_{n}", o))
+        )
+    outputs["logits"] = model(idx)
+    for hook in hooks:
+        hook.remove()
+    return outputs

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gptlab.model import GPT
 from gptlab.training.muon import MuonWithAdamW, hidden_matrices
 
 OPTIMIZERS = ("adamw", "muon")
@@ -134,19 +135,29 @@ class SchedulerConfig:
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, exclude: Sequence[nn.Parameter] = ()
+    model: GPT, weight_decay: float, lr: float, exclude: Sequence[nn.Parameter] = ()
 ) -> list[dict[str, Any]]:
     """Decay only matrices (linear and embedding weights); biases and norm gains are not decayed.
-    Parameters in `exclude` (another optimizer's) are left out."""
+    Under muP the hidden matrices form a third group, at the learning rate its width calls for
+    (gptlab.parametrization). Parameters in `exclude` (another optimizer's) are left out."""
     excluded = {id(p) for p in exclude}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
-    decay = [p for p in params if p.dim() >= 2]
+    mup = model.config.parametrization == "mup"
+    hidden = [p for p in hidden_matrices(model) if id(p) not in excluded] if mup else []
+    in_hidden = {id(p) for p in hidden}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in in_hidden]
     no_decay = [p for p in params if p.dim() < 2]
     # The names label the groups' learning rates in TensorBoard (lr-AdamW/decay, ...).
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+    if hidden:
+        hidden_lr = lr * model.config.width_scaling.hidden_lr
+        groups.append(
+            {"params": hidden, "weight_decay": weight_decay, "lr": hidden_lr, "name": "hidden"}
+        )
+    return groups
 
 
 def build_optimizer(
@@ -170,7 +181,7 @@ def build_adamw(
     # step against 6.7 ms for foreach and 3.3 ms for the per-tensor loop (1 thread).
     fused = not grad_scaler and all(p.device.type in FUSED_DEVICES for p in model.parameters())
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, exclude),
+        param_groups(model, cfg.weight_decay, cfg.lr, exclude),
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
@@ -183,6 +194,12 @@ def build_muon_adamw(
     model: nn.Module, cfg: OptimizerConfig, grad_scaler: bool = False
 ) -> MuonWithAdamW:
     """Muon on the hidden matrices (with weight decay), AdamW on the rest."""
+    if model.config.parametrization == "mup" and cfg.muon_lr_adjust != "original":
+        raise ValueError(
+            f"optimizer.muon_lr_adjust={cfg.muon_lr_adjust!r} scales Muon's updates with width; "
+            "under model.parametrization=mup set optimizer.muon_lr_adjust=original, whose "
+            "spectral scaling is muP's for hidden matrices (see gptlab.parametrization)"
+        )
     matrices = hidden_matrices(model)
     muon = torch.optim.Muon(
         matrices,
