@@ -15,7 +15,14 @@ from experiments.ablations.length_generalisation import (
     length_table,
     loss_by_position,
 )
-from gptlab.analysis import count_params, find_sweep, load_sweep, read_scalars
+from gptlab.analysis import (
+    compare_seeds,
+    count_params,
+    find_sweep,
+    load_sweep,
+    read_scalars,
+    student_t_cdf,
+)
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.lit_gpt import next_token_loss
@@ -125,3 +132,31 @@ def test_runs_logged_under_the_old_tag_names_read_under_the_new(tmp_path):
         "perf/mfu",
     }
     assert read_scalars(tmp_path)["loss/val"] == [(7, 1.5)]
+
+
+@pytest.mark.parametrize(
+    ("t", "df", "upper_tail"),  # printed t-tables: P(T > t) for these critical values
+    [
+        (2.228, 10, 0.025),
+        (1.812, 10, 0.05),
+        (3.182, 3, 0.025),
+        (12.706, 1, 0.025),
+        (1.96, 1e6, 0.025),
+    ],
+)
+def test_student_t_tail_matches_printed_tables(t, df, upper_tail):
+    assert 1 - student_t_cdf(t, df) == pytest.approx(upper_tail, abs=2e-4)
+    assert student_t_cdf(-t, df) == pytest.approx(upper_tail, abs=2e-4)
+
+
+def test_welch_test_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [4.0, 4.1, 3.95], [4.2, 4.25, 4.3, 4.18]
+    result = compare_seeds(a, b)
+    reference = stats.ttest_ind(a, b, equal_var=False, alternative="less")
+    assert result.t == pytest.approx(reference.statistic, rel=1e-12)
+    assert result.p_less == pytest.approx(reference.pvalue, rel=1e-9)
+    assert "is lower" in result.describe()
+    assert "within seed noise" in compare_seeds([4.0, 4.3], [4.1, 4.2]).describe()
+    with pytest.raises(ValueError, match=">= 2 runs a side"):
+        compare_seeds([4.0], [4.1, 4.2])

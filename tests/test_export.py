@@ -49,8 +49,20 @@ def tiny_gpt(**variant):
         ({"bias": False, "tie_weights": False}, "GPT2LMHeadModel"),
         (LLAMA | {"n_kv_heads": 2, "bias": True}, "LlamaForCausalLM"),
         (LLAMA | {"n_kv_heads": 1, "bias": False, "tie_weights": False}, "LlamaForCausalLM"),
+        ({"parametrization": "mup", "mup_base_width": 16}, "GPT2LMHeadModel"),
+        (
+            LLAMA | {"n_kv_heads": 2, "parametrization": "mup", "mup_base_width": 16},
+            "LlamaForCausalLM",
+        ),
     ],
-    ids=["gpt2", "gpt2-no-bias-untied", "llama-gqa-bias", "llama-mqa-untied"],
+    ids=[
+        "gpt2",
+        "gpt2-no-bias-untied",
+        "llama-gqa-bias",
+        "llama-mqa-untied",
+        "gpt2-mup",
+        "llama-mup",
+    ],
 )
 def test_transformers_computes_the_same_logits(tmp_path, tokenizer, variant, architecture):
     from transformers import AutoModelForCausalLM

@@ -40,8 +40,10 @@ def test_summary_lists_every_job_and_groups_seeds(tmp_path):
     markdown = (tmp_path / "summary.md").read_text()
     assert "Common to all jobs: `model.n_layer=1`" in markdown
     # mean and sample sd of (4.0, 4.2) and (3.5, 3.9), by hand
-    assert "| `optimizer.lr=1e-3` | 4.1000 | 0.1414 | 2 |" in markdown
-    assert "| `optimizer.lr=3e-3` | 3.7000 | 0.2828 | 2 |" in markdown
+    # Welch: t = (3.7 - 4.1) / sqrt(0.08/2 + 0.02/2) = -1.789, df = 0.0025/(0.0016 + 0.0001)
+    # = 1.47; P(T < -1.789) on 1.47 df = 0.129 (scipy.stats.ttest_ind, equal_var=False).
+    assert "| `optimizer.lr=1e-3` | 4.1000 | 0.1414 | 2 | 0.129 |" in markdown
+    assert "| `optimizer.lr=3e-3` | 3.7000 | 0.2828 | 2 | best |" in markdown
     assert "failed: lr must be > 0" in markdown
 
 

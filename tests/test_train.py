@@ -122,7 +122,7 @@ def test_samples_are_generated_once_per_step_under_gradient_accumulation():
     assert generated_at == [2, 4]
 
 
-@pytest.mark.parametrize("name", ["cosine", "linear", "constant"])
+@pytest.mark.parametrize("name", ["cosine", "linear", "constant", "wsd"])
 def test_every_scheduler_config_composes_to_its_schedule(tiny_data_dir, tmp_path, name):
     cfg = tiny_run(tiny_data_dir, tmp_path, f"scheduler={name}")
     config = dataclass_from_dict(SchedulerConfig, plain(cfg.scheduler), "scheduler")

@@ -16,9 +16,11 @@ the way. Writing the folder needs only `safetensors`; loading it needs `transfor
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,29 @@ def hf_architecture(config: GPTConfig) -> str:
         f"no Hugging Face transformers architecture computes this model ({in_the_way}). "
         f"Supported: {supported}"
     )
+
+
+@torch.no_grad()
+def with_standard_parametrization(model: GPT) -> GPT:
+    """`model` itself under SP; under muP, the same function with its two multipliers folded into
+    the weights, which transformers' architectures do not have: the attention scale into the
+    query projection (q.k scales linearly with q), the logits' 1/m into an untied LM head."""
+    c = model.config
+    if c.parametrization == "sp":
+        return model
+    scaling = c.width_scaling
+    tied = c.tie_weights and scaling.output_mult == 1.0
+    plain = replace(c, parametrization="sp", mup_base_width=None, tie_weights=tied)
+    folded = GPT(plain).to(next(model.parameters()).device)
+    folded.load_state_dict(model.state_dict())
+    q_rows = c.n_head * c.head_size
+    to_sp = scaling.attention_scale(c.head_size) * math.sqrt(c.head_size)
+    for block in folded.blocks:
+        block.attn.c_attn.weight[:q_rows] *= to_sp
+        if block.attn.c_attn.bias is not None:
+            block.attn.c_attn.bias[:q_rows] *= to_sp
+    folded.lm_head.weight.copy_(model.lm_head.weight * scaling.output_mult)
+    return folded
 
 
 def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -239,6 +264,7 @@ def export_to_hf(
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another out_dir or set force=true")
+    model = with_standard_parametrization(model)
     files = tokenizer_files(tokenizer, model.config.block_size)
     config = hf_config(model, tokenizer)  # fails early for an architecture that cannot export
     files["config.json"] = json.dumps(config, indent=2)

@@ -26,12 +26,14 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from gptlab.parametrization import PARAMETRIZATIONS, WidthScaling, width_scaling
 
 ATTENTION_BACKENDS: dict[str, type[nn.Module]] = {}
 POSITIONS: dict[str, type[Position]] = {}
@@ -78,6 +80,10 @@ class GPTConfig:
     tie_weights: bool = True
     init: str = "gpt2"  # weight initialisation scheme
     init_std: float = 0.02  # the "gpt2" scheme's standard deviation
+    # How init, multipliers and learning rates scale with width (gptlab.parametrization): "sp",
+    # or "mup" against mup_base_width (None: this model's own width is the base).
+    parametrization: str = "sp"
+    mup_base_width: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -89,6 +95,7 @@ class GPTConfig:
             ("norm", NORMS, "norm"),
             ("mlp", MLPS, "MLP"),
             ("init", INIT_SCHEMES, "init scheme"),
+            ("parametrization", dict.fromkeys(PARAMETRIZATIONS), "parametrization"),
             ("norm_placement", dict.fromkeys(NORM_PLACEMENTS), "norm placement"),
         ):
             if getattr(self, name) not in registry:
@@ -114,6 +121,12 @@ class GPTConfig:
         self._require(self.rope_theta > 0, "rope_theta", "> 0")
         self._require(self.mlp_ratio > 0, "mlp_ratio", "> 0")
         self._require(self.init_std > 0, "init_std", "> 0")
+        base = self.mup_base_width
+        self._require(
+            base is None or (isinstance(base, int) and base >= 1 and base % self.n_head == 0),
+            "mup_base_width",
+            f"None or a positive multiple of n_head={self.n_head}",
+        )
         sw = self.sliding_window
         self._require(
             sw is None or (isinstance(sw, int) and sw >= 1), "sliding_window", "None or >= 1"
@@ -127,6 +140,10 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def width_scaling(self) -> WidthScaling:
+        return width_scaling(self.parametrization, self.n_embd, self.n_head, self.mup_base_width)
 
     @property
     def kv_heads(self) -> int:
@@ -410,7 +427,7 @@ def attention_mask(
 @register(ATTENTION_BACKENDS, "sdpa")
 class SDPAttention(nn.Module):
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, scale: float
     ) -> Tensor:
         # enable_gqa: each KV head serves its group of query heads without copying K and V.
         return F.scaled_dot_product_attention(
@@ -420,6 +437,7 @@ class SDPAttention(nn.Module):
             attn_mask=mask,
             dropout_p=dropout_p,
             is_causal=mask is None,
+            scale=scale,
             enable_gqa=k.size(1) != q.size(1),
         )
 
@@ -436,7 +454,7 @@ class EagerAttention(nn.Module):
         self.record = record
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float
+        self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, scale: float
     ) -> Tensor:
         B, nh, Tq, hs = q.shape
         n_kv, Tk = k.size(1), k.size(2)
@@ -449,7 +467,7 @@ class EagerAttention(nn.Module):
         # broadcast against its one KV head instead of a copy per query head.
         q = q.view(B, n_kv, nh // n_kv, Tq, hs)  # (B, n_kv, g, Tq, hs)
         k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, n_kv, 1, Tk, hs)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(hs)  # (B, n_kv, g, Tq, Tk)
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, n_kv, g, Tq, Tk)
         weights = F.softmax(scores + mask, dim=-1)  # (B, n_kv, g, Tq, Tk)
         if self.record is not None:
             self.record.append(weights.detach().flatten(1, 2))  # (B, nh, Tq, Tk)
@@ -504,6 +522,7 @@ class CausalSelfAttention(nn.Module):
         self.q_norm = RMSNorm(self.hs) if config.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(self.hs) if config.qk_norm else nn.Identity()
         self.backend = ATTENTION_BACKENDS[config.attention]()
+        self.scale = config.width_scaling.attention_scale(self.hs)  # 1/sqrt(hs) under SP
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -531,7 +550,7 @@ class CausalSelfAttention(nn.Module):
         if mask is not None:
             mask = mask.to(q.dtype)  # sdpa wants the mask in the query's dtype (autocast)
         dropout_p = self.dropout if self.training else 0.0
-        y = self.backend(q, k, v, mask, dropout_p)  # (B, nh, T, hs)
+        y = self.backend(q, k, v, mask, dropout_p, self.scale)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -581,23 +600,31 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_weights:
             self.lm_head.weight = self.wte.weight  # one matrix embeds and unembeds
+        self.output_mult = config.width_scaling.output_mult
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """The whole initialisation, as `config.init` names it (see the init schemes above)."""
-        scheme = INIT_SCHEMES[self.config.init]
-        std, residual_std = scheme.std(self.config), scheme.residual_std(self.config)
+        c = self.config
+        scheme = INIT_SCHEMES[c.init]
+        # The scheme's stds at the base width; muP shrinks only the hidden matrices' from there.
+        mup_base = c.parametrization == "mup" and c.mup_base_width is not None
+        base = replace(c, n_embd=c.mup_base_width) if mup_base else c
+        std, residual_std = scheme.std(base), scheme.residual_std(base)
+        hidden = c.width_scaling.hidden_init
+        in_blocks = {id(m) for m in self.blocks.modules()}
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                factor = hidden if id(module) in in_blocks else 1.0
+                nn.init.normal_(module.weight, mean=0.0, std=std * factor)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
             if isinstance(module, nn.LayerNorm | nn.RMSNorm):
                 module.reset_parameters()
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
-                nn.init.normal_(param, mean=0.0, std=residual_std)
+                nn.init.normal_(param, mean=0.0, std=residual_std * hidden)
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:
         """An empty cache for up to `max_len` tokens (default: block_size). Batch size, dtype and
@@ -647,7 +674,10 @@ class GPT(nn.Module):
             x = block(x, pos, mask, self.position, kv_cache)
         if kv_cache is not None:
             kv_cache.advance(T)
-        return self.lm_head(self.norm_f(x))  # (B, T, vocab_size)
+        x = self.norm_f(x)
+        if self.output_mult != 1.0:  # muP's 1/m on the logits, applied to the head's input
+            x = x * self.output_mult
+        return self.lm_head(x)  # (B, T, vocab_size)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, a tied matrix counted once.

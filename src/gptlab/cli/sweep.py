@@ -21,7 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.analysis import mean_std
+from gptlab.analysis import compare_seeds, mean_std
 from gptlab.cli.errors import ERROR_FILE
 from gptlab.data.fileio import atomic_write_text
 
@@ -63,17 +63,27 @@ def setting(row: dict[str, Any], keys: list[str]) -> str:
 
 
 def group_over_seeds(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """The finished jobs grouped by their swept values other than the seed: mean, sd and n."""
+    """The finished jobs grouped by their swept values other than the seed: mean, sd, n, and
+    the one-sided Welch p-value that the best setting is better than this one (`p_vs_best`;
+    nan for the best itself or with fewer than 2 seeds a side)."""
     keys = [k for k in swept_keys(rows) if k not in SEED_KEYS]
     groups: dict[str, list[float]] = defaultdict(list)
     for row in rows:
         if row["status"] != "ok" or not math.isfinite(row.get(metric, math.nan)):
             continue
         groups[setting(row, keys) or "(all jobs)"].append(row[metric])
+    sign = -1 if metric == "val_acc" else 1  # lower loss, higher accuracy is better
+    best = min(groups.values(), key=lambda v: sign * mean_std(v)[0], default=[])
     out = []
     for name, values in groups.items():
         mean, sd = mean_std(values)
-        out.append({"setting": name, "mean": mean, "sd": sd, "n": len(values)})
+        p = math.nan
+        if values is not best and len(values) > 1 and len(best) > 1:
+            p = compare_seeds([sign * v for v in best], [sign * v for v in values]).p_less
+        out.append(
+            {"setting": name, "mean": mean, "sd": sd, "n": len(values), "p_vs_best": p}
+            | {"is_best": values is best}
+        )
     return out
 
 
@@ -115,10 +125,13 @@ def summary_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     groups = group_over_seeds(rows, metric)
     if any(g["n"] > 1 for g in groups):
-        lines += ["", f"Over seeds ({metric}: mean ± sd, n):", ""]
-        lines += ["| setting | mean | sd | n |", "| --- | --- | --- | --- |"]
+        note = "p: one-sided Welch t-test that the best setting beats it; above 0.05: seed noise"
+        lines += ["", f"Over seeds ({metric}, mean ± sd, n; {note}):", ""]
+        lines += ["| setting | mean | sd | n | p vs best |", "| --- | --- | --- | --- | --- |"]
         for g in groups:
-            lines.append(f"| `{g['setting']}` | {fmt(g['mean'])} | {fmt(g['sd'])} | {g['n']} |")
+            p = "best" if g["is_best"] else fmt(g["p_vs_best"], 3)
+            cells = [f"`{g['setting']}`", fmt(g["mean"]), fmt(g["sd"]), g["n"], p]
+            lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 

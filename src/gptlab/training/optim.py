@@ -14,12 +14,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from gptlab.model import GPT
 from gptlab.training.muon import MuonWithAdamW, hidden_matrices
 
 OPTIMIZERS = ("adamw", "muon")
 MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
 FUSED_DEVICES = ("cpu", "cuda", "xpu")  # where torch has a fused AdamW kernel
-SCHEDULERS = ("cosine", "linear", "constant")
+SCHEDULERS = ("cosine", "linear", "constant", "wsd")
+DECAY_SHAPES = ("linear", "cosine", "sqrt")  # of the WSD decay
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any], section: str) -> Any:
@@ -75,12 +77,23 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Linear warmup to the peak LR, then decay over the rest of `max_steps` to `min_lr_ratio`."""
+    """Linear warmup to the peak LR, then decay to `min_lr_ratio` x peak at `max_steps`.
+
+    cosine and linear decay over all of the steps after warmup; constant never decays. wsd
+    (warmup-stable-decay; Hu et al. 2024, MiniCPM) holds the peak and decays only over the last
+    `decay_steps` steps (null: `decay_fraction` of max_steps), in `decay_shape`: linear, cosine,
+    or sqrt (1 - sqrt(progress), Hägele et al. 2024). Up to its decay, a wsd run is the same for
+    every max_steps, so a checkpoint of its stable phase can be resumed with a shorter max_steps
+    to branch off a decay (see README: "Schedules").
+    """
 
     name: str = "cosine"
     warmup_steps: int = 100
     max_steps: int = 1000
     min_lr_ratio: float = 0.1
+    decay_steps: int | None = None
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
 
     def __post_init__(self) -> None:
         if self.name not in SCHEDULERS:
@@ -99,22 +112,52 @@ class SchedulerConfig:
             )
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"scheduler.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.decay_shape not in DECAY_SHAPES:
+            raise ValueError(
+                f"scheduler.decay_shape={self.decay_shape!r} is not known; "
+                f"choose one of: {', '.join(DECAY_SHAPES)}"
+            )
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"scheduler.decay_fraction={self.decay_fraction} must be in (0, 1]")
+        stable_and_decay = self.max_steps - self.warmup_steps
+        if self.name == "wsd" and not 1 <= self.wsd_decay_steps <= stable_and_decay:
+            raise ValueError(
+                f"scheduler.decay_steps={self.wsd_decay_steps} must be in [1, max_steps - "
+                f"warmup_steps = {stable_and_decay}]"
+            )
+
+    @property
+    def wsd_decay_steps(self) -> int:
+        """The length of a wsd schedule's decay."""
+        if self.decay_steps is not None:
+            return self.decay_steps
+        return max(1, round(self.decay_fraction * self.max_steps))
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, exclude: Sequence[nn.Parameter] = ()
+    model: GPT, weight_decay: float, lr: float, exclude: Sequence[nn.Parameter] = ()
 ) -> list[dict[str, Any]]:
     """Decay only matrices (linear and embedding weights); biases and norm gains are not decayed.
-    Parameters in `exclude` (another optimizer's) are left out."""
+    Under muP the hidden matrices form a third group, at the learning rate its width calls for
+    (gptlab.parametrization). Parameters in `exclude` (another optimizer's) are left out."""
     excluded = {id(p) for p in exclude}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in excluded]
-    decay = [p for p in params if p.dim() >= 2]
+    mup = model.config.parametrization == "mup"
+    hidden = [p for p in hidden_matrices(model) if id(p) not in excluded] if mup else []
+    in_hidden = {id(p) for p in hidden}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in in_hidden]
     no_decay = [p for p in params if p.dim() < 2]
     # The names label the groups' learning rates in TensorBoard (lr-AdamW/decay, ...).
-    return [
+    groups = [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
     ]
+    if hidden:
+        hidden_lr = lr * model.config.width_scaling.hidden_lr
+        groups.append(
+            {"params": hidden, "weight_decay": weight_decay, "lr": hidden_lr, "name": "hidden"}
+        )
+    return groups
 
 
 def build_optimizer(
@@ -138,7 +181,7 @@ def build_adamw(
     # step against 6.7 ms for foreach and 3.3 ms for the per-tensor loop (1 thread).
     fused = not grad_scaler and all(p.device.type in FUSED_DEVICES for p in model.parameters())
     return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay, exclude),
+        param_groups(model, cfg.weight_decay, cfg.lr, exclude),
         lr=cfg.lr,
         betas=cfg.betas,
         eps=cfg.eps,
@@ -151,6 +194,12 @@ def build_muon_adamw(
     model: nn.Module, cfg: OptimizerConfig, grad_scaler: bool = False
 ) -> MuonWithAdamW:
     """Muon on the hidden matrices (with weight decay), AdamW on the rest."""
+    if model.config.parametrization == "mup" and cfg.muon_lr_adjust != "original":
+        raise ValueError(
+            f"optimizer.muon_lr_adjust={cfg.muon_lr_adjust!r} scales Muon's updates with width; "
+            "under model.parametrization=mup set optimizer.muon_lr_adjust=original, whose "
+            "spectral scaling is muP's for hidden matrices (see gptlab.parametrization)"
+        )
     matrices = hidden_matrices(model)
     muon = torch.optim.Muon(
         matrices,
@@ -168,11 +217,19 @@ def lr_factor(step: int, cfg: SchedulerConfig) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.name == "constant":
         return 1.0
-    decay_steps = max(1, cfg.max_steps - cfg.warmup_steps)
-    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
-    cosine = cfg.name == "cosine"
-    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if cosine else 1.0 - progress
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * shape
+    if cfg.name == "wsd":
+        decay_start, shape = cfg.max_steps - cfg.wsd_decay_steps, cfg.decay_shape
+    else:
+        decay_start, shape = cfg.warmup_steps, cfg.name
+    if step < decay_start:
+        return 1.0
+    progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
+    remaining = {
+        "cosine": 0.5 * (1.0 + math.cos(math.pi * progress)),
+        "linear": 1.0 - progress,
+        "sqrt": 1.0 - math.sqrt(progress),
+    }[shape]
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * remaining
 
 
 def build_scheduler(
