@@ -145,6 +145,24 @@ def test_a_small_corpus_is_split_by_position(tmp_path):
     assert manifest["tokenizer"]["sample"]["bytes"] == cut  # the tokenizer saw no val text
 
 
+def test_a_corpus_of_few_documents_sends_every_kth_to_val(tmp_path):
+    """Between 1 / val_fraction and 10 / val_fraction documents, as before hashing."""
+    docs = synthetic_documents(50)
+    for i in range(9, 50, 10):
+        docs[i] += " zyzzyva zyzzyva zyzzyva zyzzyva"
+    manifest = prepare([*docs, docs[3]], tmp_path)
+    assert manifest["split"] == {"method": "every_kth_document", "every": 10}
+    assert manifest["dropped"] == {"empty": 0, "duplicate": 1}
+    tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
+    eot = manifest["eot_id"]
+    val = [d for i, d in enumerate(docs) if i % 10 == 9]
+    train = [d for i, d in enumerate(docs) if i % 10 != 9]
+    for split, part in (("train", train), ("val", val)):
+        expected = [t for doc in part for t in [*tokenizer.encode(doc).ids, eot]]
+        assert split_stream(tmp_path, manifest, split).tolist() == expected
+    assert not any("zyzz" in token for token in tokenizer.get_vocab())
+
+
 def test_tokenizer_sample_is_the_first_train_bytes(tmp_path):
     docs = synthetic_documents(300)
     train_docs = split_by_hash(docs, 0.1)[0]

@@ -147,9 +147,7 @@ def test_prepare_from_a_hf_dataset_with_one_override(tmp_path):
         f"hf(path=parquet, split=train, streaming=True, data_files={path}), first 20 documents"
     )
     splits = manifest["splits"]
-    # 20 documents, too few to split by hash: the position split cuts one in two.
-    assert manifest["split"]["method"] == "position"
-    assert splits["train"]["documents"] + splits["val"]["documents"] == 21
+    assert splits["train"]["documents"] + splits["val"]["documents"] == 20
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,11 @@ def print_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
     print(f"unigram entropy of train tokens: {manifest['unigram_entropy']:.3f} nats/token")
     dropped = manifest["dropped"]
     split = manifest["split"]
-    how = "by document hash" if split["method"] == "hash" else "by position (few documents)"
+    how = {
+        "hash": "by document hash",
+        "every_kth_document": f"every {split.get('every')}th document (few documents)",
+        "position": "by position (very few documents)",
+    }[split["method"]]
     print(
         f"dropped {dropped['duplicate']:,} duplicate and {dropped['empty']:,} empty documents; "
         f"val split {how}"

@@ -22,8 +22,10 @@ The output is the same byte for byte whatever `num_proc` and `batch_chars` are.
 
 The split. A document goes to val when its hash says so (with probability `val_fraction`), so
 its split never depends on where it sits in the corpus, and tasks (below) agree without talking
-to each other. A corpus of fewer than `10 / val_fraction` documents (one file, say) is split
-by position instead, as nanoGPT does: the last `val_fraction` of its characters is val.
+to each other. A corpus of fewer than `10 / val_fraction` documents, where a split by hash
+would stray far from `val_fraction`, sends every `round(1 / val_fraction)`-th document to val;
+with fewer documents than that (one file, say), it is split by position, as nanoGPT does: the
+last `val_fraction` of its characters is val.
 
 The tokenizer is trained on a bounded sample: the first `train_bytes` bytes of train text, in
 corpus order (the manifest records its size and hash). Exact duplicates (after cleaning) are
@@ -96,9 +98,9 @@ JOURNAL_NAME = "prepare_progress.json"
 
 DEFAULT_TRAIN_BYTES = 100_000_000
 DEFAULT_BATCH_CHARS = 1_000_000
-# A corpus with fewer documents than this many times 1 / val_fraction is split by position: by
-# hash, its val split could be far from val_fraction, or empty (with this many, the chance of
-# an empty val split is e^-10).
+# A corpus with fewer documents than this many times 1 / val_fraction is not split by hash: its
+# val split could be far from val_fraction, or empty (with this many, the chance of an empty val
+# split is e^-10).
 HASH_SPLIT_MIN_DOCUMENTS_PER_VAL = 10
 _JOURNAL_EVERY_S = 5.0
 
@@ -263,17 +265,21 @@ class _Job:
         part = task_part([len(doc) for doc in self.documents], task_index, num_tasks)
         return (self.documents[i] for i in part)
 
-    def kept(self) -> Iterator[tuple[str, int]]:
+    def kept(self, dropped: dict[str, int] | None = None) -> Iterator[tuple[str, int]]:
         """(document, digest) of every document of the whole corpus that is kept: cleaned,
-        not empty, not a duplicate, within `max_documents`. Runs in this process; for the
-        split plan and the tokenizer sample, which read a bounded part."""
+        not empty, not a duplicate, within `max_documents` (the others are counted in
+        `dropped`). Runs in this process: for the split plan and the tokenizer sample, which
+        read a bounded part, and to encode a small corpus."""
         seen: set[int] = set()
+        dropped = {"empty": 0, "duplicate": 0} if dropped is None else dropped
         for text in self.raw():
             doc = self.cleaning(text) if self.cleaning else text
             if doc is None:
+                dropped["empty"] += 1
                 continue
             key = digest(doc.encode("utf-8"))
             if key in seen:
+                dropped["duplicate"] += 1
                 continue
             seen.add(key)
             yield doc, key
@@ -282,7 +288,7 @@ class _Job:
 
     def plan_split(self) -> _SplitPlan:
         """Read the corpus until it is clear it has enough documents to split by hash, or to
-        its end (then it is small, and split by position)."""
+        its end (then it is small, and split by document count or by position)."""
         enough = math.ceil(HASH_SPLIT_MIN_DOCUMENTS_PER_VAL / self.val_fraction)
         count = chars = 0
         for doc, _ in self.kept():
@@ -301,20 +307,32 @@ class _Job:
                 f"corpus {self.description!r} has only {count} documents, too few to prepare "
                 "in several tasks; prepare it with data.num_tasks=1"
             )
+        every = round(1 / self.val_fraction)
+        if count >= every:
+            return _SplitPlan(self.val_fraction, every=every)
         val_chars = min(chars - 1, max(1, round(self.val_fraction * chars)))
         return _SplitPlan(self.val_fraction, val_from_char=chars - val_chars)
 
-    def items(self, plan: _SplitPlan) -> Iterator[tuple[str, str | None]]:
+    def items(
+        self, plan: _SplitPlan, dropped: dict[str, int] | None = None
+    ) -> Iterator[tuple[str, str | None]]:
         """What the encoder reads: (text, split) pairs. Split by hash, the raw documents of this
-        task, with no split yet (the workers clean and hash them); split by position, the
-        kept documents, the one that holds the boundary cut in two."""
-        if plan.val_from_char is None:
+        task, with no split yet (the workers clean and hash them); else the kept documents
+        with their split (by position, the one that holds the boundary is cut in two), and
+        the documents dropped on the way counted in `dropped`."""
+        if plan.by_hash:
             return ((text, None) for text in self.raw(self.task_index, self.num_tasks))
-        return self._position_items(plan.val_from_char)
+        if plan.every is not None:
+            every = plan.every
+            kept = enumerate(self.kept(dropped))
+            return ((doc, "val" if i % every == every - 1 else "train") for i, (doc, _) in kept)
+        return self._position_items(plan.val_from_char, dropped)
 
-    def _position_items(self, val_from: int) -> Iterator[tuple[str, str]]:
+    def _position_items(
+        self, val_from: int, dropped: dict[str, int] | None
+    ) -> Iterator[tuple[str, str]]:
         at = 0
-        for doc, _ in self.kept():
+        for doc, _ in self.kept(dropped):
             if at + len(doc) <= val_from:
                 yield doc, "train"
             elif at >= val_from:
@@ -327,18 +345,26 @@ class _Job:
 
 @dataclass(frozen=True)
 class _SplitPlan:
-    """How documents are split: by hash, or (`val_from_char` set) by position."""
+    """How documents are split: by hash; in a small corpus, every `every`-th document (when
+    set), or by position (`val_from_char` set)."""
 
     val_fraction: float
+    every: int | None = None
     val_from_char: int | None = None
+
+    @property
+    def by_hash(self) -> bool:
+        return self.every is None and self.val_from_char is None
 
     def is_val(self, digests: np.ndarray | int) -> np.ndarray | bool:
         """Which documents (by digest) the hash split sends to val."""
         return digests < np.uint64(int(self.val_fraction * 2**64))
 
     def describe(self) -> dict[str, Any]:
-        if self.val_from_char is None:
+        if self.by_hash:
             return {"method": "hash", "val_fraction": self.val_fraction}
+        if self.every is not None:
+            return {"method": "every_kth_document", "every": self.every}
         return {"method": "position", "val_from_char": self.val_from_char}
 
 
@@ -363,10 +389,14 @@ class _Sample:
             yield text
 
     def _train_texts(self) -> Iterator[str]:
-        if self.plan.val_from_char is not None:
-            items = self.job.items(self.plan)
-            return (text for text, _ in itertools.takewhile(lambda item: item[1] == "train", items))
-        return (doc for doc, key in self.job.kept() if not self.plan.is_val(key))
+        if self.plan.by_hash:
+            yield from (doc for doc, key in self.job.kept() if not self.plan.is_val(key))
+            return
+        for text, split in self.job.items(self.plan):
+            if split == "train":
+                yield text
+            elif self.plan.val_from_char is not None:
+                return  # by position, the rest is val
 
     def summary(self) -> dict[str, Any]:
         """What was sampled: documents, UTF-8 bytes, SHA-256 (of the texts, each prefixed by
@@ -549,7 +579,7 @@ class _Encoder:
     def _batches(self, batch_chars: int) -> Iterator[_Batch]:
         """Batches of about `batch_chars` characters; the documents an interrupted run already
         wrote come first, in batches of their own, marked not to be encoded."""
-        items = self.job.items(self.plan)
+        items = self.job.items(self.plan, self.position.dropped)
         replay = itertools.islice(items, self.resume_at.items)
         for encode, part in ((False, replay), (True, items)):
             texts: list[str] = []
@@ -574,8 +604,9 @@ class _Encoder:
         position.dropped["empty"] += len(batch.texts) - len(done.positions)
         position.dropped["duplicate"] += int((~new).sum())
         kept = np.flatnonzero(new)
-        # A position split has applied max_documents already, before cutting one in two.
-        limit = self.job.max_documents if self.plan.val_from_char is None else None
+        # Other splits than by hash have applied max_documents already (before cutting one in
+        # two, by position).
+        limit = self.job.max_documents if self.plan.by_hash else None
         if limit is not None:
             kept = kept[: limit - position.kept]
         chain = hashlib.sha256(bytes.fromhex(position.chain))
