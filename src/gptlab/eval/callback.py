@@ -43,7 +43,7 @@ class EvalTasksCallback(L.Callback):
         tasks: Sequence[str] = ("builtin",),
         every_n_steps: int = 250,
         max_examples: int | None = 200,
-        batch_size: int = 64,
+        batch_size: int = 32,
         seed: int = 0,
     ) -> None:
         if every_n_steps < 1:
