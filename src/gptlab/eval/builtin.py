@@ -37,10 +37,16 @@ _LAST_WORD = re.compile(r"([A-Za-z]{2,})[.!?,;:]?")
 
 def validation_documents(data_dir: str | Path) -> list[str]:
     """The documents of the val split of a prepared data directory, decoded from its shards."""
+    return prepared_documents(data_dir, "val")
+
+
+def prepared_documents(data_dir: str | Path, split: str) -> list[str]:
+    """The documents of one split of a prepared data directory, decoded from its shards (each
+    document ends with end-of-text)."""
     data_dir = Path(data_dir)
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(data_dir / manifest["tokenizer"]["file"])
-    shards = [read_shard(data_dir / s["file"]) for s in manifest["splits"]["val"]["shards"]]
+    shards = [read_shard(data_dir / s["file"]) for s in manifest["splits"][split]["shards"]]
     stream = np.concatenate(shards).astype(np.int64)
     ends = np.flatnonzero(stream == manifest["eot_id"])
     starts = np.concatenate([[0], ends[:-1] + 1])
