@@ -76,6 +76,18 @@ def reference_loglikelihood(model, context, continuation):
     return -nats, bool(torch.equal(logits.argmax(-1), target))
 
 
+def test_examples_longer_than_the_context_are_left_out_and_counted(tokenizer, caplog):
+    model = tiny_gpt(block_size=24)
+    short = Example("The value", (" is one", " is two"), 0)
+    long = Example("The value", (" is " + "very " * 40 + "long", " is two"), 1)
+    task = Task("mixed", "choice", [short, long, short])
+    metrics = score_task(model, tokenizer, task)
+    assert metrics["n"] == 2 and metrics["skipped"] == 1
+    expected = score_task(model, tokenizer, Task("short", "choice", [short, short]))
+    assert metrics["gold_bpb"] == pytest.approx(expected["gold_bpb"])
+    assert "left out 1 of 3 examples" in caplog.text
+
+
 def test_batched_loglikelihoods_equal_one_sequence_at_a_time(tokenizer):
     model = tiny_gpt()
     texts = [

@@ -117,7 +117,9 @@ def test_estimate_matches_the_peak_memory_of_training_steps(config, batch):
     glibc's malloc keeps freed blocks below its dynamic mmap threshold, so the RSS of a plain
     run also holds that slack (up to ~1.8x the activations here); a fixed threshold makes RSS
     follow live tensors."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    # A clean environment: variables other tests or libraries set (thread counts, allocator
+    # settings) change what a step allocates.
+    env = {"PATH": os.environ["PATH"], "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, json.dumps(config), str(batch)],
         capture_output=True,

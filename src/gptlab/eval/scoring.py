@@ -25,9 +25,11 @@ Each acc comes with its binomial standard error sqrt(p (1 - p) / n).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -37,6 +39,8 @@ from tokenizers import Tokenizer
 from gptlab.data.tokenizer import eot_id
 from gptlab.eval.tasks import Task
 from gptlab.model import GPT
+
+log = logging.getLogger(__name__)
 
 Request = tuple[list[int], list[int]]  # (context ids, continuation ids)
 
@@ -125,14 +129,41 @@ def task_requests(task: Task, tokenizer: Tokenizer) -> list[Request]:
 def score_task(
     model: GPT, tokenizer: Tokenizer, task: Task, batch_size: int = 16
 ) -> dict[str, float]:
-    """The task's metrics (see the module docstring), with n and examples/s."""
+    """The task's metrics (see the module docstring), with n, examples/s, and `skipped`: the
+    examples left out because one of their continuations is longer than the model's context."""
+    task, skipped = fitting_examples(task, tokenizer, model.config.block_size)
     requests = task_requests(task, tokenizer)
     start = time.perf_counter()
     results = loglikelihoods(model, requests, batch_size)
     seconds = time.perf_counter() - start
     metrics = task_metrics(task, results)
     metrics["examples_per_sec"] = len(task.examples) / seconds if seconds > 0 else math.inf
+    metrics["skipped"] = skipped
     return metrics
+
+
+def fitting_examples(task: Task, tokenizer: Tokenizer, max_len: int) -> tuple[Task, int]:
+    """`task` without the examples a model of context `max_len` cannot score (a continuation
+    longer than its context), and how many those were; a warning names the count."""
+    kept = [
+        example
+        for example in task.examples
+        if all(
+            len(c) <= max_len
+            for _, c in task_requests(replace(task, examples=[example]), tokenizer)
+        )
+    ]
+    skipped = len(task.examples) - len(kept)
+    if skipped:
+        log.warning(
+            "task %s: left out %d of %d examples whose answer is longer than the model's "
+            "block_size=%d tokens",
+            task.name,
+            skipped,
+            len(task.examples),
+            max_len,
+        )
+    return replace(task, examples=kept), skipped
 
 
 def task_metrics(task: Task, results: Sequence[tuple[float, bool]]) -> dict[str, float]:
