@@ -210,7 +210,7 @@ def _report(rows: list[dict], args: argparse.Namespace) -> str:
     largest = max(rows, key=lambda r: (r["mb"], r["num_proc"]))
     per_core = largest["mb"] / largest["prepare"]["seconds"] / largest["num_proc"]
     projection = ", ".join(
-        f"{cores} cores: {FINEWEB_EDU_10BT_MB / (per_core * cores) / 3600:.1f} h"
+        f"{cores} cores: {FINEWEB_EDU_10BT_MB / (per_core * cores) / 60:.0f} min"
         for cores in (16, 64)
     )
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
