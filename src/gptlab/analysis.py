@@ -65,20 +65,26 @@ def find_sweep(log_dir: str | Path, task_name: str) -> Path:
 
 def load_sweep(sweep_dir: str | Path) -> list[SweepJob]:
     """Every finished job of a sweep (one with a .hydra folder), in job-number order."""
-    sweep_dir = Path(sweep_dir)
-    job_dirs = sorted(
-        (p for p in sweep_dir.iterdir() if p.name.isdigit() and (p / ".hydra").is_dir()),
-        key=lambda p: int(p.name),
-    )
-    if not job_dirs:
+    dirs = job_dirs(sweep_dir)
+    if not dirs:
         raise FileNotFoundError(f"{sweep_dir} holds no sweep jobs (numbered folders with .hydra/)")
-    return [load_job(p) for p in job_dirs]
+    return [load_job(p) for p in dirs]
+
+
+def job_dirs(sweep_dir: str | Path) -> list[Path]:
+    """The job folders of a sweep (numbered, with a .hydra folder), in job-number order."""
+    jobs = (p for p in Path(sweep_dir).iterdir() if p.name.isdigit() and (p / ".hydra").is_dir())
+    return sorted(jobs, key=lambda p: int(p.name))
+
+
+def job_overrides(job_dir: Path) -> dict[str, str]:
+    """A job's command-line overrides as key -> value, in the order given."""
+    entries = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
+    return dict(str(entry).split("=", 1) for entry in entries)
 
 
 def load_job(job_dir: Path) -> SweepJob:
-    entries = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
-    overrides = dict(str(entry).split("=", 1) for entry in entries)
-    return SweepJob(job_dir, overrides, read_scalars(job_dir / "tensorboard"))
+    return SweepJob(job_dir, job_overrides(job_dir), read_scalars(job_dir / "tensorboard"))
 
 
 def read_scalars(tensorboard_dir: Path) -> Scalars:

@@ -19,9 +19,9 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gptlab.analysis import compare_seeds, mean_std
+from gptlab.analysis import compare_seeds, job_dirs, job_overrides, mean_std
 from gptlab.cli.errors import ERROR_FILE
 from gptlab.data.fileio import atomic_write_text
 
@@ -32,9 +32,9 @@ SEED_KEYS = ("seed",)
 
 def job_row(job_dir: Path) -> dict[str, Any]:
     """One job: its overrides, and its results or its error."""
-    overrides = OmegaConf.load(job_dir / ".hydra" / "overrides.yaml")
-    row: dict[str, Any] = {"job": int(job_dir.name), "overrides": " ".join(map(str, overrides))}
-    row["swept"] = dict(str(entry).split("=", 1) for entry in overrides)
+    swept = job_overrides(job_dir)
+    overrides = " ".join(f"{k}={v}" for k, v in swept.items())
+    row: dict[str, Any] = {"job": int(job_dir.name), "overrides": overrides, "swept": swept}
     if (job_dir / RESULTS_FILE).is_file():
         results = json.loads((job_dir / RESULTS_FILE).read_text(encoding="utf-8"))
         row.update({key: results.get(key, math.nan) for key in METRICS})
@@ -48,8 +48,7 @@ def job_row(job_dir: Path) -> dict[str, Any]:
 
 
 def sweep_rows(sweep_dir: Path) -> list[dict[str, Any]]:
-    jobs = [p for p in sweep_dir.iterdir() if p.name.isdigit() and (p / ".hydra").is_dir()]
-    return [job_row(p) for p in sorted(jobs, key=lambda p: int(p.name))]
+    return [job_row(p) for p in job_dirs(sweep_dir)]
 
 
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:
