@@ -163,11 +163,11 @@ def test_a_run_too_large_is_refused_with_overrides_that_fit():
     estimate = estimate_memory(config, shape, GPT(config).parameters())
     budget = int(estimate.total / 3)
     with pytest.raises(ValueError, match="would run out of memory") as err:
-        check_fits(config, estimate, budget, "available RAM")
+        check_fits(estimate, budget, "available RAM")
     message = str(err.value)
     assert "data.loader.batch_size=8 global_batch_tokens=65536" in message
     assert "model.block_size=512" in message
-    for override in fitting_overrides(config, estimate, budget):
+    for override in fitting_overrides(estimate, budget):
         assert override in message
     smaller = estimate_memory(config, replace(shape, batch_size=8), GPT(config).parameters())
     assert (

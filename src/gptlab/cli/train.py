@@ -167,7 +167,7 @@ def check_memory(
     available, source = available_memory(trainer.strategy.root_device)
     rank_zero_info(f"memory estimate ({source}: {gib(available)}):\n{estimate.table()}")
     if cfg.memory_check and not cfg.estimate_only:
-        check_fits(model.model.config, estimate, available, source)
+        check_fits(estimate, available, source)
     return estimate
 
 

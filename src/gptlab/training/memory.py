@@ -83,8 +83,9 @@ class TrainingShape:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes one process needs, by kind."""
+    """Bytes one process needs, by kind, for the model `config` describes."""
 
+    config: GPTConfig
     weights: float
     gradients: float
     optimizer: float
@@ -184,7 +185,8 @@ def estimate_memory(
         weights = weights / shape.world_size + 2 * block * param_bytes
         gradients /= shape.world_size
         optimizer /= shape.world_size
-    return MemoryEstimate(weights, gradients, optimizer, activation_bytes(config, shape), shape)
+    activations = activation_bytes(config, shape)
+    return MemoryEstimate(config, weights, gradients, optimizer, activations, shape)
 
 
 def largest_block_parameters(config: GPTConfig) -> int:
@@ -198,8 +200,7 @@ def available_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free, f"free memory of {torch.cuda.get_device_name(device)}"
-    available, source = host_available_memory()
-    return available, source
+    return host_available_memory()
 
 
 def host_available_memory() -> tuple[int, str]:
@@ -233,9 +234,10 @@ def cgroup_headroom() -> int | None:
         return None
 
 
-def fitting_overrides(config: GPTConfig, estimate: MemoryEstimate, budget: float) -> list[str]:
+def fitting_overrides(estimate: MemoryEstimate, budget: float) -> list[str]:
     """Overrides that would bring `estimate` under `budget` bytes per process, best first."""
-    shape, fixed = estimate.shape, estimate.weights + estimate.gradients + estimate.optimizer
+    config, shape = estimate.config, estimate.shape
+    fixed = estimate.weights + estimate.gradients + estimate.optimizer
     per_host = shape.processes_per_host
 
     def fits(new_shape: TrainingShape, new_config: GPTConfig = config) -> bool:
@@ -261,7 +263,7 @@ def fitting_overrides(config: GPTConfig, estimate: MemoryEstimate, budget: float
     return found
 
 
-def check_fits(config: GPTConfig, estimate: MemoryEstimate, available: int, source: str) -> None:
+def check_fits(estimate: MemoryEstimate, available: int, source: str) -> None:
     """Refuse, before anything is allocated, a run whose estimate exceeds the free memory."""
     needed = estimate.host_total
     if needed <= available:
@@ -277,7 +279,7 @@ def check_fits(config: GPTConfig, estimate: MemoryEstimate, available: int, sour
         f"{gib(estimate.activations)} for micro-batches of {s.batch_size} x {s.seq_len} tokens), "
         f"but the {source} is {gib(available)}"
     ]
-    options = fitting_overrides(config, estimate, available)
+    options = fitting_overrides(estimate, available)
     if options:
         lines.append("any of these would fit: " + "; or ".join(options))
     else:
