@@ -551,7 +551,8 @@ class CausalSelfAttention(nn.Module):
             mask = mask.to(q.dtype)  # sdpa wants the mask in the query's dtype (autocast)
         dropout_p = self.dropout if self.training else 0.0
         y = self.backend(q, k, v, mask, dropout_p, self.scale)  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        # (B, T, C); under tensor parallelism, this rank's heads only (gptlab.training.parallel)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hs)
         return self.resid_dropout(self.c_proj(y))
 
 

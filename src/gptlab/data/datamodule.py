@@ -340,8 +340,12 @@ class GPTDataModule(L.LightningDataModule):
         return spans
 
     def rank_and_world_size(self) -> tuple[int, int]:
-        """From the attached Trainer, else an initialised torch.distributed, else (0, 1)."""
+        """The data-parallel rank and size (the ranks of a tensor-parallel group share their
+        batches): from the attached Trainer, else an initialised torch.distributed, else (0, 1)."""
         if self.trainer is not None:
+            sampler = self.trainer.distributed_sampler_kwargs  # None on a single device
+            if sampler is not None:
+                return sampler["rank"], sampler["num_replicas"]
             return self.trainer.global_rank, self.trainer.world_size
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()

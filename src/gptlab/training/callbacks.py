@@ -14,13 +14,14 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from tokenizers import Tokenizer
 
 from gptlab.data.fileio import atomic_write_text
 from gptlab.model import GPT
 from gptlab.training.checkpoint import gpt_weights
-from gptlab.training.scale import is_logging_step
+from gptlab.training.parallel import gather_gpt_weights
+from gptlab.training.scale import data_parallel_size, is_logging_step
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ class ThroughputCallback(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch: Any, batch_idx: int) -> None:
         x = batch[0]  # (inputs, targets), or (inputs, targets, segments) when packed
         base, per_position = self._flops_per_token
-        tokens = x.numel() * trainer.world_size
+        tokens = x.numel() * data_parallel_size(trainer)
         self._batch = (tokens, tokens * (base + per_position * x.size(-1)))
         if self._last is None:
             self._last = time.perf_counter()
@@ -250,13 +251,17 @@ class SampleGenerationCallback(L.Callback):
     def whole_model(trainer: L.Trainer, pl_module: L.LightningModule) -> GPT:
         """The GPT to sample from. FSDP leaves each rank a shard of the weights, so the full
         weights are gathered (a collective every rank must join) into a plain copy on rank 0."""
-        if not isinstance(trainer.strategy, FSDPStrategy):
+        strategy = trainer.strategy
+        if not isinstance(strategy, FSDPStrategy | ModelParallelStrategy):
             return pl_module.model
-        state = trainer.strategy.lightning_module_state_dict()  # full on rank 0, empty elsewhere
+        if isinstance(strategy, ModelParallelStrategy):  # FSDP2 / tensor parallel
+            weights = gather_gpt_weights(pl_module)  # whole on rank 0, empty elsewhere
+        else:
+            weights = gpt_weights(strategy.lightning_module_state_dict())
         if not trainer.is_global_zero:
             return pl_module.model
         model = GPT(pl_module.config)
-        model.load_state_dict(gpt_weights(state))
+        model.load_state_dict(weights)
         return model.to(pl_module.device)
 
     def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from gptlab.training.parallel import global_norm
 from gptlab.training.scale import is_logging_step
 
 log = logging.getLogger(__name__)
@@ -21,13 +22,8 @@ class TrainingDivergedError(FloatingPointError):
 
 def grad_norm(optimizer: torch.optim.Optimizer) -> float:
     """The L2 norm of all gradients the optimizer would apply (0.0 when there are none)."""
-    norms = [
-        torch.linalg.vector_norm(p.grad, dtype=torch.float32)
-        for group in optimizer.param_groups
-        for p in group["params"]
-        if p.grad is not None
-    ]
-    return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+    return float(global_norm(grad for grad in grads if grad is not None))
 
 
 class NonFiniteGuard(L.Callback):

@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.plugins.precision import MixedPrecision
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torchmetrics import MeanMetric
 
 from gptlab.model import GPT, GPTConfig
@@ -25,6 +25,7 @@ from gptlab.training.optim import (
     build_scheduler,
     dataclass_from_dict,
 )
+from gptlab.training.parallel import clip_grad_norm, parallelize_gpt
 from gptlab.training.resume import (
     RNG_KEY,
     check_same_finetuning,
@@ -80,13 +81,23 @@ class LitGPT(L.LightningModule):
         # checkpoints the blocks itself (inside each FSDP unit; see training/scale.py).
         if self._sped_up:
             return
+        self._sped_up = True
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, ModelParallelStrategy):  # FSDP2 / tensor parallel
+            parallelize_gpt(
+                self.model,
+                strategy.device_mesh,
+                str(self._trainer.precision),
+                compile=self.hparams.compile,
+                activation_checkpointing=self.hparams.activation_checkpointing,
+            )
+            return
         under_fsdp = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)
         speed_up_model(
             self.model,
             compile=self.hparams.compile,
             activation_checkpointing=self.hparams.activation_checkpointing and not under_fsdp,
         )
-        self._sped_up = True
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -137,6 +148,9 @@ class LitGPT(L.LightningModule):
         # Under mixed precision Lightning refuses to clip for a fused optimizer, for fear of a
         # GradScaler whose gradients are still scaled. bf16 has no scaler (and 16-mixed gets no
         # fused optimizer, see configure_optimizers): the gradients are true, clip them here.
+        if gradient_clip_val and isinstance(self.trainer.strategy, ModelParallelStrategy):
+            clip_grad_norm(self.model.parameters(), gradient_clip_val)  # DTensors of two meshes
+            return
         plugin = self.trainer.precision_plugin
         if (
             isinstance(plugin, MixedPrecision)

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
 from gptlab.model import MLPS, Block, GPTConfig
@@ -306,7 +306,7 @@ def estimate_run_memory(
             f"{', '.join(PRECISIONS)}, or memory_check=false"
         )
     strategy = trainer.strategy
-    kind = "fsdp" if isinstance(strategy, FSDPStrategy) else "single"
+    kind = "fsdp" if isinstance(strategy, FSDPStrategy | ModelParallelStrategy) else "single"
     if isinstance(strategy, DDPStrategy) and trainer.world_size > 1:
         kind = "ddp"
     on_cpu = strategy.root_device.type == "cpu"

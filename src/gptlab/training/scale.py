@@ -165,13 +165,19 @@ def gradient_accumulation(
     return accumulation_for_tokens(global_batch_tokens, batch_size, block_size, world_size)
 
 
+def data_parallel_size(trainer: L.Trainer) -> int:
+    """Ranks that see different data: the world size over the tensor-parallel size (ranks of a
+    tensor-parallel group share each batch). Known before the processes start."""
+    return trainer.world_size // getattr(trainer.strategy, "tensor_parallel_size", 1)
+
+
 def set_global_batch(
     trainer: L.Trainer, global_batch_tokens: int | None, datamodule: GPTDataModule
 ) -> None:
     """Set the trainer's gradient accumulation from a global batch in tokens (None: leave it)."""
     if global_batch_tokens is None:
         return
-    batch, block, ranks = datamodule.batch_size, datamodule.block_size, trainer.world_size
+    batch, block, ranks = datamodule.batch_size, datamodule.block_size, data_parallel_size(trainer)
     trainer.accumulate_grad_batches = gradient_accumulation(
         global_batch_tokens, trainer.accumulate_grad_batches, batch, block, ranks
     )
