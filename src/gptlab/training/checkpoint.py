@@ -19,6 +19,7 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.training.checkpoint_io import CheckpointReadError
 from gptlab.training.lit_gpt import TOKENIZER_KEY
 from gptlab.training.optim import dataclass_from_dict
+from gptlab.training.sharded_checkpoint import is_sharded_checkpoint, read_sharded_checkpoint
 
 RUN_RECORD = "run.json"
 
@@ -54,7 +55,7 @@ def find_last_checkpoint(
             for record in _run_records(root)
             if record.get("run_name") == run_name and record.get("checkpoint_dir")
         ]
-        candidates = [path for path in candidates if path.is_file()]
+        candidates = [p for p in candidates if p.is_file() or is_sharded_checkpoint(p)]
     if not candidates:
         named = f" of a run named {run_name!r}" if run_name is not None else ""
         raise FileNotFoundError(
@@ -85,13 +86,16 @@ def resolve_checkpoint(
     if str(ckpt_path) == "last":
         return find_last_checkpoint(log_dir, task_name, run_name)
     path = Path(ckpt_path)
-    if not path.is_file():
+    if not (path.is_file() or is_sharded_checkpoint(path)):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return path
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint's tensors and plain data only (no pickled code)."""
+    """Load a checkpoint's tensors and plain data only (no pickled code); a sharded (FSDP2 /
+    tensor-parallel) checkpoint folder comes back whole, without its optimizer state."""
+    if is_sharded_checkpoint(path):
+        return read_sharded_checkpoint(path)
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:

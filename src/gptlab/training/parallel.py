@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from lightning.pytorch.strategies import ModelParallelStrategy
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -43,6 +45,17 @@ from torch.distributed.tensor.parallel import (
 
 from gptlab.model import GPT, ALiBiPosition, GPTConfig, SwiGLUMLP
 from gptlab.training.scale import checkpoint_blocks
+from gptlab.training.sharded_checkpoint import (
+    METADATA_FILE,
+    TENSOR_PARALLEL_KEY,
+    check_tensor_parallel_layout,
+    is_sharded_checkpoint,
+    merge_qkv_projections,
+    publish,
+    remove_checkpoint,
+    remove_stale_folders,
+    staging_folder,
+)
 
 # Trainer precisions the sharded strategy runs, and the dtype FSDP2 computes in for each
 # (None: the parameters' own). Lightning itself refuses 16-mixed with ModelParallelStrategy.
@@ -194,16 +207,6 @@ def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
     return total
 
 
-def merge_qkv_projections(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A tensor-parallel run's weights with each `c_attn.{q,k,v}` joined back into the plain
-    GPT's fused `c_attn`; other state dicts come back unchanged."""
-    merged = dict(state_dict)
-    for key in [k for k in state_dict if ".c_attn.q." in k]:
-        parts = [merged.pop(key.replace(".c_attn.q.", f".c_attn.{p}.")) for p in "qkv"]
-        merged[key.replace(".c_attn.q.", ".c_attn.")] = torch.cat(parts)
-    return merged
-
-
 def gather_gpt_weights(module: nn.Module) -> dict[str, Tensor]:
     """The whole weights of a sharded LitGPT's GPT as plain tensors on rank 0 (empty elsewhere),
     under the plain GPT's names. A collective: every rank must call it."""
@@ -237,3 +240,37 @@ class ShardedStrategy(ModelParallelStrategy):
                 f"the world size {self.world_size} (trainer.devices x trainer.num_nodes)"
             )
         self._data_parallel_size = self.world_size // self.tensor_parallel_size
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        """Every rank writes its shards into a new folder; rank 0 then publishes it as
+        `filepath` (see `gptlab.training.sharded_checkpoint`)."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(self.broadcast(str(filepath)))
+        if self.global_rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_folders(path)
+        staging = Path(self.broadcast(str(staging_folder(path))))
+        state = {"state_dict": checkpoint.pop("state_dict")}
+        for i, optimizer_state in enumerate(checkpoint.pop("optimizer_states", [])):
+            state[f"optimizer_{i}"] = optimizer_state
+        checkpoint[TENSOR_PARALLEL_KEY] = self.tensor_parallel_size
+        dcp.save(state, checkpoint_id=staging)
+        if self.global_rank == 0:
+            torch.save(checkpoint, staging / METADATA_FILE)
+        self.barrier()
+        if self.global_rank == 0:
+            publish(staging, path)
+        self.barrier()
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> Any:
+        path = Path(self.broadcast(str(checkpoint_path)))
+        if is_sharded_checkpoint(path):
+            check_tensor_parallel_layout(path, self.tensor_parallel_size)
+        return super().load_checkpoint(path, weights_only=weights_only)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        if self.global_rank == 0:
+            remove_checkpoint(Path(filepath))
