@@ -1,5 +1,5 @@
 """Speed and scale options: compile, activation checkpointing, precision, global batch in tokens,
-Muon paired with AdamW, and the FSDP preset (which needs a GPU to run; see test_distributed.py)."""
+Muon paired with AdamW, and the FSDP preset (run on CPU processes in test_sharded.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
-from torch.distributed.fsdp import ShardingStrategy
 
 from gptlab.cli.train import train
 from gptlab.model import GPT, GPTConfig
@@ -20,10 +19,10 @@ from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.lit_gpt import LitGPT, next_token_loss
 from gptlab.training.muon import MuonWithAdamW, hidden_matrices
 from gptlab.training.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
+from gptlab.training.parallel import ShardedStrategy
 from gptlab.training.scale import (
     accumulation_for_tokens,
     check_optimizer_strategy,
-    fsdp_strategy,
     set_global_batch,
 )
 from tests.conftest import compose_config
@@ -145,8 +144,14 @@ def test_muon_with_adamw_steps_both_follows_schedule_and_resumes():
     twin_optimizer.step()
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         torch.testing.assert_close(p, q)
-    with pytest.raises(ValueError, match="muon"):
+    with pytest.raises(ValueError, match="optimizer.name=adamw"):
         twin_optimizer.load_state_dict(build_optimizer(twin, OptimizerConfig()).state_dict())
+    # Checkpoints written before the state dict became the standard one hold both inner states.
+    old_format = {"muon": optimizer.muon.state_dict(), "adamw": optimizer.adamw.state_dict()}
+    twin_optimizer.load_state_dict(copy.deepcopy(old_format))
+    assert len(twin_optimizer.state) == len(before)
+    for p, q in zip(optimizer.param_groups, twin_optimizer.param_groups, strict=True):
+        assert p["lr"] == q["lr"]
 
 
 def test_adamw_is_fused_unless_gradients_arrive_scaled():
@@ -174,7 +179,7 @@ def test_muon_trains_through_lightning_and_resumes(tiny_data_dir, tmp_path):
     )
     assert resumed["step"] == 4 and resumed["val_loss"] < first["val_loss"]
     states = load_checkpoint(last)["optimizer_states"]
-    assert set(states[0]) == {"muon", "adamw"}
+    assert len(states[0]["param_groups"]) == 3  # Muon's hidden matrices, AdamW's two groups
 
 
 # ----------------------------------------------------------------------------- through train()
@@ -235,16 +240,13 @@ def test_bad_speed_options_fail_before_training(tiny_data_dir, tmp_path, overrid
 # ----------------------------------------------------------------------------- FSDP preset
 
 
-def test_fsdp_preset_shards_by_block_and_refuses_muon(tmp_path):
-    cfg = compose_config("train", ["trainer=fsdp", "activation_checkpointing=true"], tmp_path)
+def test_fsdp_preset_is_fsdp2_and_only_the_first_fsdp_refuses_muon(tmp_path):
+    cfg = compose_config("train", ["trainer=fsdp"], tmp_path)
     strategy = instantiate(cfg.trainer.strategy)
-    assert isinstance(strategy, FSDPStrategy)
-    assert strategy.sharding_strategy == ShardingStrategy.FULL_SHARD
-    wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
-    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._module_classes
-    assert {cls.__name__ for cls in wrapped} == {"Block"} == {c.__name__ for c in checkpointed}
+    assert isinstance(strategy, ShardedStrategy) and strategy.tensor_parallel_size == 1
     assert cfg.trainer.precision == "bf16-mixed"
-    with pytest.raises(ValueError, match="sharding_strategy='ZERO3'.*FULL_SHARD"):
-        fsdp_strategy(sharding_strategy="ZERO3")
-    with pytest.raises(ValueError, match="optimizer=muon does not work with trainer=fsdp"):
-        check_optimizer_strategy("muon", strategy)
+    check_optimizer_strategy("muon", strategy)  # FSDP2 keeps whole matrices as DTensors
+    with pytest.raises(ValueError, match="optimizer=muon does not work with trainer.strategy=fsdp"):
+        check_optimizer_strategy("muon", FSDPStrategy())
+    with pytest.raises(ValueError, match="tensor_parallel_size=2: .* orthogonalise separately"):
+        check_optimizer_strategy("muon", ShardedStrategy(tensor_parallel_size=2))

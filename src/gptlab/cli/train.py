@@ -44,6 +44,7 @@ from gptlab.training.memory import (
     estimate_run_memory,
     gib,
 )
+from gptlab.training.parallel import check_tensor_parallel
 from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
 
@@ -138,6 +139,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
     check_launch(trainer)
+    check_tensor_parallel(model.config, getattr(trainer.strategy, "tensor_parallel_size", 1))
     estimate = check_memory(cfg, trainer, model, datamodule)
     if cfg.estimate_only:
         return {"memory_estimate": asdict(estimate)}

@@ -71,20 +71,35 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw.step()
         return loss
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+    # The state dict is the standard one over the shared groups and merged state (Muon's groups
+    # first), so torch.distributed.checkpoint can key it by parameter name and reshard it under
+    # FSDP2. Checkpoints written before hold {"muon": ..., "adamw": ...}; they still load.
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if set(state_dict) != {"muon", "adamw"}:
-            raise ValueError(
-                f"optimizer state has keys {sorted(state_dict)}; a MuonWithAdamW state has "
-                "'muon' and 'adamw' (was the checkpoint trained with optimizer.name=adamw?)"
-            )
-        self.muon.load_state_dict(state_dict["muon"])
-        self.adamw.load_state_dict(state_dict["adamw"])
+        if set(state_dict) == {"muon", "adamw"}:
+            self.muon.load_state_dict(state_dict["muon"])
+            self.adamw.load_state_dict(state_dict["adamw"])
+        else:
+            groups = state_dict.get("param_groups", [])
+            if len(groups) != len(self.param_groups):
+                raise ValueError(
+                    f"optimizer state has {len(groups)} parameter groups; this MuonWithAdamW has "
+                    f"{len(self.param_groups)} (was the checkpoint trained with "
+                    "optimizer.name=adamw?)"
+                )
+            split = len(self.muon.param_groups)
+            self.muon.load_state_dict(_state_of_groups(state_dict, groups[:split]))
+            self.adamw.load_state_dict(_state_of_groups(state_dict, groups[split:]))
         self._share_inner_state()  # load_state_dict replaced the inner group and state objects
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if hasattr(self, "muon"):  # Optimizer.__init__ adds the initial groups through here
             raise NotImplementedError("add parameters to the inner .muon or .adamw optimizer")
         super().add_param_group(param_group)
+
+
+def _state_of_groups(state_dict: dict[str, Any], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """The part of a standard optimizer state dict that belongs to `groups`."""
+    indices = {index for group in groups for index in group["params"]}
+    state = {index: value for index, value in state_dict["state"].items() if index in indices}
+    return {"state": state, "param_groups": groups}

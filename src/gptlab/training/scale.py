@@ -1,5 +1,5 @@
 """Speed and scale, applied to the GPT from outside (as torchtitan does): torch.compile,
-activation checkpointing per block, the FSDP strategy, and the global batch in tokens.
+activation checkpointing per block, and the global batch in tokens (sharding: parallel.py).
 
 The model file stays plain single-device PyTorch; everything here wraps or configures it.
 """
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
@@ -23,8 +22,6 @@ from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT, Block
 
 log = logging.getLogger(__name__)
-
-SHARDING_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD")
 
 
 def checkpoint_blocks(model: GPT) -> None:
@@ -53,30 +50,6 @@ def speed_up_model(model: GPT, compile: bool, activation_checkpointing: bool) ->
         model.compile()
 
 
-def fsdp_strategy(
-    sharding_strategy: str = "FULL_SHARD",
-    activation_checkpointing: bool = False,
-    **kwargs: Any,
-) -> FSDPStrategy:
-    """Lightning's FSDP with each transformer `Block` as one sharding unit.
-
-    With `activation_checkpointing`, each block is checkpointed inside its FSDP unit (the order
-    Lightning and torchtitan use). Extra keyword arguments go to `FSDPStrategy` unchanged
-    (e.g. `cpu_offload`, `state_dict_type`).
-    """
-    if sharding_strategy not in SHARDING_STRATEGIES:
-        raise ValueError(
-            f"trainer.strategy.sharding_strategy={sharding_strategy!r} is not known; "
-            f"choose one of: {', '.join(SHARDING_STRATEGIES)}"
-        )
-    return FSDPStrategy(
-        auto_wrap_policy={Block},
-        activation_checkpointing_policy={Block} if activation_checkpointing else None,
-        sharding_strategy=sharding_strategy,
-        **kwargs,
-    )
-
-
 def is_logging_step(trainer: L.Trainer, step: int) -> bool:
     """Whether the loggers write at optimizer step `step` (1-based), i.e. every
     `trainer.log_every_n_steps`. Each `LightningModule.log` call costs a fixed fraction of a
@@ -87,12 +60,21 @@ def is_logging_step(trainer: L.Trainer, step: int) -> bool:
 
 
 def check_optimizer_strategy(optimizer_name: str, strategy: Strategy) -> None:
-    """Muon needs whole 2-D weights; FSDP hands each rank flat shards of them."""
+    """Muon needs whole 2-D weights; torch's first FSDP (Lightning's FSDPStrategy) hands each
+    rank flat shards of them. FSDP2 (trainer=fsdp) keeps them as DTensors, which Muon handles."""
     if optimizer_name == "muon" and isinstance(strategy, FSDPStrategy):
         raise ValueError(
-            "optimizer=muon does not work with trainer=fsdp (FSDP shards each weight matrix "
-            "into flat pieces, Muon orthogonalises whole matrices); use trainer=ddp or "
-            "optimizer=adamw"
+            "optimizer=muon does not work with trainer.strategy=fsdp (torch's first FSDP shards "
+            "each weight matrix into flat pieces, Muon orthogonalises whole matrices); use "
+            "trainer=fsdp (FSDP2) or optimizer=adamw"
+        )
+    tensor_parallel = getattr(strategy, "tensor_parallel_size", 1)
+    if optimizer_name == "muon" and tensor_parallel > 1:
+        raise ValueError(
+            f"optimizer=muon does not work with trainer.strategy.tensor_parallel_size="
+            f"{tensor_parallel}: tensor parallelism splits the fused q/k/v matrix into three, "
+            "which Muon would orthogonalise separately (another optimizer than the "
+            "unsplit run's); use tensor_parallel_size=1 (FSDP2) or optimizer=adamw"
         )
 
 
