@@ -139,7 +139,7 @@ def test_state_dict_round_trip_and_global_batch_conversion(dm, data_dir):
         "block_size": BLOCK,
         "manifest_sha": dm.manifest_sha,
     }
-    with pytest.raises(DataError, match="batch_size 4 -> 8.*allow_data_change"):
+    with pytest.raises(DataError, match="global batch .* = 4 -> 8 x 1 = 8.*allow_data_change"):
         GPTDataModule(str(data_dir), BLOCK, batch_size=8, seed=7).load_state_dict(state)
     doubled = GPTDataModule(str(data_dir), BLOCK, batch_size=8, seed=7, allow_data_change=True)
     doubled.load_state_dict(state)  # same samples consumed, in batches twice as large

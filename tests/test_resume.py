@@ -92,8 +92,8 @@ def test_resume_continues_losses_rngs_and_weights_exactly(tiny_data_dir, tmp_pat
     [
         ({"seed": 4}, "seed 3 -> 4"),
         ({"block_size": 8}, "block_size 16 -> 8"),
-        ({"batch_size": 2}, "batch_size 4 -> 2"),
-        ({"world_size": 2, "batch_size": 2}, "world_size 1 -> 2"),
+        ({"batch_size": 2}, r"global batch .* 4 x 1 = 4 -> 2 x 1 = 2"),
+        ({"world_size": 2}, r"global batch .* 4 x 1 = 4 -> 4 x 2 = 8"),
         ({"manifest_sha": "0" * 64}, r"manifest.json sha256 '000000000000' -> "),
     ],
 )
@@ -115,6 +115,18 @@ def test_resume_on_another_data_stream_is_refused_unless_allowed(tiny_data_dir, 
             samples = 5 * 4  # the position is kept in samples, rounded up to whole batches
             per_batch = dm.batch_size * world_size
             assert dm.batches_consumed == -(-samples // per_batch)
+
+
+@pytest.mark.parametrize(("world_size", "batch_size"), [(2, 2), (4, 1)])
+def test_resume_on_another_world_size_with_the_same_global_batch_continues(
+    tiny_data_dir, world_size, batch_size
+):
+    saved = datamodule(tiny_data_dir)  # 1 rank x 4 samples
+    saved.advance(5)
+    dm = datamodule(tiny_data_dir, batch_size=batch_size)
+    dm.rank_and_world_size = lambda: (0, world_size)
+    dm.load_state_dict(saved.state_dict())
+    assert dm.batches_consumed == 5  # global batch 5 starts at sample 20 either way
 
 
 def test_resume_of_another_model_is_refused_before_loading_weights():

@@ -29,8 +29,9 @@ stopped. Without a Trainer, call ``advance()`` once per batch used. ``state_dict
 checkpoint key ``"GPTDataModule"`` and hands it back on ``fit(ckpt_path=...)``).
 
 A resume continues the stream only if it is the same stream: ``load_state_dict`` refuses a
-checkpoint whose seed, world size, per-rank batch size, block size or data manifest differs,
-unless the datamodule was built with ``allow_data_change=True``.
+checkpoint whose seed, global batch (per-rank batch size x data-parallel ranks), block size or
+data manifest differs, unless the datamodule was built with ``allow_data_change=True``. The
+world size alone may change (elastic resume: 2 ranks x 4 samples continue as 1 rank x 8).
 
 The DataLoaders get their own ``torch.Generator``: creating a loader iterator then never draws
 from the global torch RNG, which belongs to the model (dropout) and is restored on resume.
@@ -456,14 +457,17 @@ class GPTDataModule(L.LightningDataModule):
 
     def _stream_changes(self, state_dict: dict[str, Any], world_size: int) -> list[str]:
         """What differs between a saved stream state and this datamodule at `world_size`."""
-        now = {
-            "seed": self.seed,
-            "world_size": world_size,
-            "batch_size": self.batch_size,
-            "block_size": self.block_size,
-            "manifest_sha": self.manifest_sha,
-        }
+        now = {"seed": self.seed, "block_size": self.block_size, "manifest_sha": self.manifest_sha}
+        # Elastic: the per-rank batch and the number of ranks may change together, as long as
+        # each global batch holds the same samples (resuming 2 ranks x 4 as 1 rank x 8).
+        saved_global = state_dict["batch_size"] * state_dict["world_size"]
         changes = []
+        if saved_global != self.batch_size * world_size:
+            changes.append(
+                "global batch (data.loader.batch_size x data-parallel ranks) "
+                f"{state_dict['batch_size']} x {state_dict['world_size']} = {saved_global} -> "
+                f"{self.batch_size} x {world_size} = {self.batch_size * world_size}"
+            )
         for key, value in now.items():
             saved = state_dict[key]
             if saved != value:
