@@ -1,8 +1,6 @@
 """Multi-process training on CPU (gloo), run through the CLI as a user would.
 
-FSDP is not tested here: torch's FullyShardedDataParallel refuses CPU-only machines ("FSDP
-needs a non-CPU accelerator device"), and Lightning's FSDPStrategy requires CUDA. The FSDP
-preset's configuration is checked in test_scale.py.
+FSDP2 and tensor parallel are tested in test_sharded.py.
 """
 
 from __future__ import annotations
