@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import shutil
 import subprocess
@@ -113,3 +114,18 @@ def test_quieting_the_notices_leaves_other_warnings_alone():
         ):
             warnings.warn(message, category, stacklevel=1)
     assert [str(w.message) for w in caught] == ["some other problem", "another deprecation"]
+
+
+def test_quieting_drops_dtensors_strided_gather_notice_only(caplog):
+    from gptlab.training.console import quiet_known_notices
+
+    dtensor_log = logging.getLogger("torch.distributed.tensor._redistribute")
+    quiet_known_notices()
+    with caplog.at_level(logging.WARNING, logger=dtensor_log.name):
+        notice = "While redistributing from %s to %s, %d sequential %s operations will be ... %s"
+        for reason in (
+            "it is not possible to merge non-ascending order all_gather operations.",
+            "To optimize, flatten mesh dimensions [...] so DTensor can use a single operation.",
+        ):
+            dtensor_log.warning(notice, "(_StridedShard, Shard)", "(R, R)", 2, "all_gather", reason)
+    assert len(caplog.records) == 1 and "flatten mesh dimensions" in caplog.text

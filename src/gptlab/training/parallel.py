@@ -24,10 +24,8 @@ back into the plain GPT's.
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -213,34 +211,11 @@ def clip_grad_norm(parameters: Iterable[Tensor], max_norm: float) -> Tensor:
     return total
 
 
-class _StridedGatherNoticeFilter(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "non-ascending order all_gather" not in record.getMessage()
-
-
-@contextmanager
-def quiet_strided_gather_notice() -> Iterator[None]:
-    """Drop DTensor's notice that gathering a 2-D sharded weight takes two all-gathers in a row.
-
-    FSDP2 over tensor parallel shards each weight on dim 0 twice (a strided shard of the TP
-    shard), and such a weight is gathered one mesh dimension at a time: nothing to fix, and
-    the notice would be printed by every rank at the first gather (for sample generation).
-    Other DTensor notices still show."""
-    logger = logging.getLogger("torch.distributed.tensor._redistribute")
-    notice_filter = _StridedGatherNoticeFilter()
-    logger.addFilter(notice_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notice_filter)
-
-
 def gather_gpt_weights(module: nn.Module) -> dict[str, Tensor]:
     """The whole weights of a sharded LitGPT's GPT as plain tensors on rank 0 (empty elsewhere),
     under the plain GPT's names. A collective: every rank must call it."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    with quiet_strided_gather_notice():
-        state = get_model_state_dict(module, options=options)
+    state = get_model_state_dict(module, options=options)
     prefix = "model."
     return merge_qkv_projections(
         {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
