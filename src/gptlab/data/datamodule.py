@@ -426,8 +426,9 @@ class GPTDataModule(L.LightningDataModule):
         """Resume after the samples consumed so far; refuse a different stream (see the module
         docstring) unless `allow_data_change`.
 
-        The position is kept in samples, so with `allow_data_change` a different per-rank batch
-        size or world size with the same global batch (B * W) still continues exactly.
+        The position is kept in samples: another world size with the same global batch (B * W)
+        continues exactly; with `allow_data_change`, a changed global batch resumes at the first
+        global batch holding no sample trained on.
         """
         missing = [key for key in _STATE_KEYS if key not in state_dict]
         if missing:
@@ -448,8 +449,7 @@ class GPTDataModule(L.LightningDataModule):
                 + "; ".join(changes)
                 + ". Resuming would not continue it. Restore the old settings, or pass "
                 "resume.allow_data_change=true (GPTDataModule(allow_data_change=True)) to "
-                "resume anyway; the position is kept in samples, so an equal global batch "
-                "(batch size x world size) still continues the same samples"
+                "resume anyway, from the first global batch holding no sample trained on"
             )
         if changes:
             log.warning("resuming the data stream with changes: %s", "; ".join(changes))
