@@ -50,7 +50,8 @@ def drive(callback: ThroughputCallback, batches: list[torch.Tensor], seconds: fl
     module = SimpleNamespace(
         model=model, device=torch.device("cpu"), log=lambda k, v: logged.__setitem__(k, v)
     )
-    trainer = SimpleNamespace(world_size=1, global_step=0, log_every_n_steps=1)
+    strategy = SimpleNamespace()  # no tensor_parallel_size: every rank is a data-parallel rank
+    trainer = SimpleNamespace(world_size=1, global_step=0, log_every_n_steps=1, strategy=strategy)
     callback.setup(trainer, module, "fit")
     for i, x in enumerate(batches):
         callback.on_train_batch_start(trainer, module, (x, x), i)
