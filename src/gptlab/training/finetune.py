@@ -144,7 +144,7 @@ class LitSFT(LitGPT):
         for param in self.parameters():
             if param.grad is not None:
                 param.grad.mul_(scale / tokens.clamp(min=1))
-        if trainer.progress_bar_callback or is_logging_step(trainer, self.global_step + 1):
+        if is_logging_step(trainer, self.global_step + 1):
             self.log("loss/train", loss / tokens.clamp(min=1), prog_bar=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:

@@ -78,12 +78,13 @@ def fsdp_strategy(
 
 
 def is_logging_step(trainer: L.Trainer, step: int) -> bool:
-    """Whether the loggers write at optimizer step `step` (1-based), i.e. every
-    `trainer.log_every_n_steps`. Each `LightningModule.log` call costs a fixed fraction of a
+    """Whether the loggers write at optimizer step `step` (1-based): every
+    `trainer.log_every_n_steps`, and the last step (`trainer.max_steps`, where the run stops,
+    which makes Lightning write). Each `LightningModule.log` call costs a fixed fraction of a
     millisecond (Lightning moves its result store to the value's device), which on small models
     is a visible share of a step; values logged on other steps would never be written anyway."""
     every = trainer.log_every_n_steps
-    return every > 0 and step % every == 0
+    return every > 0 and (step % every == 0 or step == trainer.max_steps)
 
 
 def check_optimizer_strategy(optimizer_name: str, strategy: Strategy) -> None:
