@@ -84,7 +84,7 @@ class SchedulerConfig:
     `decay_steps` steps (null: `decay_fraction` of max_steps), in `decay_shape`: linear, cosine,
     or sqrt (1 - sqrt(progress), Hägele et al. 2024). Up to its decay, a wsd run is the same for
     every max_steps, so a checkpoint of its stable phase can be resumed with a shorter max_steps
-    to branch off a decay (see README: "Schedules").
+    to branch off a decay (see docs/tour.md, "Schedules").
     """
 
     name: str = "cosine"

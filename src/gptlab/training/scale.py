@@ -126,7 +126,7 @@ def check_launch(trainer: L.Trainer) -> None:
     if spawns and trainer.num_devices > 1:
         raise ValueError(
             f"a Hydra multirun (-m) cannot start {trainer.num_devices} DDP processes per "
-            "job itself; launch the sweep with torchrun (README: Speed and scale) or run "
+            "job itself; launch the sweep with torchrun (docs/speed_and_scale.md) or run "
             "the jobs one at a time"
         )
 
