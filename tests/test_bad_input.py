@@ -16,11 +16,11 @@ from hydra.errors import ConfigCompositionException, InstantiationException
 from gptlab.cli.prepare import prepare
 from gptlab.cli.train import train
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.data.errors import DataError
 from gptlab.data.prepare import prepare_dataset
-from gptlab.data.shards import ShardError, read_shard, write_shard
+from gptlab.data.shards import read_shard, write_shard
 from gptlab.data.sources import load_documents
 from gptlab.data.tokenizer import MAX_TRAINING_RUN, _bounded_runs, load_tokenizer
+from gptlab.errors import DataError, ShardError
 from tests.conftest import compose_config, small_english_documents
 from tests.test_train import tiny_run
 

@@ -18,12 +18,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gptlab.cli.train import build_model, train
 from gptlab.data.classify import PAD_ID, package_examples
-from gptlab.data.errors import DataError
 from gptlab.data.finetune import IGNORE_INDEX, split_examples
 from gptlab.data.prepare import prepare_dataset
 from gptlab.data.sft import PromptTemplate, SFTDataModule, collate, encode, render
 from gptlab.data.sources import builtin_corpus, builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.errors import DataError
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.finetune import LitClassifier, LitSFT, ResponseSampleCallback

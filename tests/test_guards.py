@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.training.guards import NonFiniteGuard, TrainingDivergedError
+from gptlab.errors import TrainingDivergedError
+from gptlab.training.guards import NonFiniteGuard
 from gptlab.training.lit_gpt import LitGPT
 
 MODEL = {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}

@@ -19,9 +19,9 @@ import pytest
 import torch
 
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.data.errors import DataError
+from gptlab.errors import CheckpointWriteError, DataError
 from gptlab.training.checkpoint import find_last_checkpoint, write_run_record
-from gptlab.training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from gptlab.training.checkpoint_io import AtomicCheckpointIO
 from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.resume import RNG_KEY
 

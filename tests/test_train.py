@@ -12,9 +12,10 @@ from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlab.cli.train import plain, train, validation_line
+from gptlab.config import dataclass_from_dict
 from gptlab.training.callbacks import SampleGenerationCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
-from gptlab.training.optim import SchedulerConfig, dataclass_from_dict, lr_factor
+from gptlab.training.optim import SchedulerConfig, lr_factor
 from tests.conftest import TINY_MODEL, compose_config
 
 

@@ -22,7 +22,7 @@ from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
 from gptlab.cli.sweep import RESULTS_FILE
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.data.fileio import atomic_write_text, ensure_writable_dir
+from gptlab.fileio import atomic_write_text, ensure_writable_dir
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingRun
 from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback

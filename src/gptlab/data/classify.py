@@ -21,9 +21,9 @@ from functools import cached_property
 
 import torch
 
-from gptlab.data.errors import DataError
 from gptlab.data.finetune import ExampleDataModule, distinct_docstrings, pad
 from gptlab.data.sources import iter_jsonl_values, json_field
+from gptlab.errors import DataError
 
 PAD_ID = -1
 

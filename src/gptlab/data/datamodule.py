@@ -57,10 +57,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gptlab.data.errors import DataError
 from gptlab.data.prepare import MANIFEST_NAME, load_manifest
-from gptlab.data.shards import ShardError, read_header, read_shard
+from gptlab.data.shards import read_header, read_shard
 from gptlab.data.tokenizer import file_sha256
+from gptlab.errors import DataError, ShardError
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import torch
 from tokenizers import Tokenizer
 from torch.utils.data import DataLoader
 
-from gptlab.data.errors import DataError
 from gptlab.data.sources import builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.errors import DataError
 
 log = logging.getLogger(__name__)
 

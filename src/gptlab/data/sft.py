@@ -37,9 +37,9 @@ from functools import partial
 import torch
 from tokenizers import Tokenizer
 
-from gptlab.data.errors import DataError
 from gptlab.data.finetune import IGNORE_INDEX, ExampleDataModule, distinct_docstrings, pad
 from gptlab.data.sources import iter_jsonl_values, json_field
+from gptlab.errors import DataError
 
 ROLES = ("system", "user", "assistant")
 

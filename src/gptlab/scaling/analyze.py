@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
-from gptlab.data.fileio import atomic_write_text
+from gptlab.fileio import atomic_write_text
 from gptlab.scaling.fit import (
     ChinchillaLaw,
     IsoFLOPFit,

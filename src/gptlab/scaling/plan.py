@@ -29,10 +29,10 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from gptlab.config import dataclass_from_dict
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.data.fileio import atomic_write_text
+from gptlab.fileio import atomic_write_text
 from gptlab.model import GPT, GPTConfig
-from gptlab.training.optim import dataclass_from_dict
 from gptlab.training.scale import gradient_accumulation
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.strategies import FSDPStrategy
 from tokenizers import Tokenizer
 
-from gptlab.data.fileio import atomic_write_text
+from gptlab.fileio import atomic_write_text
 from gptlab.model import GPT
 from gptlab.training.checkpoint import gpt_weights
 from gptlab.training.scale import is_logging_step

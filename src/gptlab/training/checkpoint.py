@@ -13,12 +13,12 @@ import torch
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from gptlab.data.fileio import atomic_write_text
+from gptlab.config import dataclass_from_dict
+from gptlab.errors import CheckpointReadError
+from gptlab.fileio import atomic_write_text
 from gptlab.lora import LoRAConfig, apply_lora, is_lora_parameter, merge_lora
 from gptlab.model import GPT, GPTConfig
-from gptlab.training.checkpoint_io import CheckpointReadError
 from gptlab.training.lit_gpt import TOKENIZER_KEY
-from gptlab.training.optim import dataclass_from_dict
 
 RUN_RECORD = "run.json"
 

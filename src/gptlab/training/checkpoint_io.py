@@ -3,7 +3,7 @@
 Lightning's own writer serialises into memory and moves a temporary file from the system temp
 directory into place, which is neither atomic across filesystems nor fsynced. Here a checkpoint
 is written to a temporary file next to its target, fsynced, and renamed over it
-(`gptlab.data.fileio.atomic_write`): a process killed during a save leaves the previous
+(`gptlab.fileio.atomic_write`): a process killed during a save leaves the previous
 checkpoint intact, and a failed save (a full disk) removes its temporary file and says why.
 Reading a damaged checkpoint fails with a message naming the file.
 """
@@ -19,23 +19,10 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from gptlab.data.fileio import atomic_write
+from gptlab.errors import CheckpointReadError, CheckpointWriteError
+from gptlab.fileio import atomic_write
 
 log = logging.getLogger(__name__)
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written; the previous file under that name is intact."""
-
-
-class CheckpointReadError(ValueError):
-    """A checkpoint file is truncated, corrupt, or holds more than tensors and plain data."""
-
-    def __init__(self, path: str | Path, err: BaseException) -> None:
-        super().__init__(
-            f"cannot read checkpoint {path}: {err}. It is truncated, corrupt or not a gptlab "
-            "checkpoint; resume from another one (e.g. ckpt_path=last)"
-        )
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

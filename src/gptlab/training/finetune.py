@@ -24,6 +24,7 @@ from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from gptlab.config import dataclass_from_dict
 from gptlab.data.classify import PAD_ID, ClassificationDataModule
 from gptlab.data.finetune import IGNORE_INDEX, ExampleDataModule
 from gptlab.data.sft import SFTDataModule
@@ -33,7 +34,6 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.training.callbacks import SampleGenerationCallback
 from gptlab.training.checkpoint import Pretrained, check_architecture, load_pretrained_weights
 from gptlab.training.lit_gpt import LitGPT
-from gptlab.training.optim import dataclass_from_dict
 from gptlab.training.scale import is_logging_step
 
 log = logging.getLogger(__name__)

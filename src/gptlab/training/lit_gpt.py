@@ -17,13 +17,13 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torchmetrics import MeanMetric
 
+from gptlab.config import dataclass_from_dict
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.optim import (
     OptimizerConfig,
     SchedulerConfig,
     build_optimizer,
     build_scheduler,
-    dataclass_from_dict,
 )
 from gptlab.training.resume import (
     RNG_KEY,
