@@ -44,7 +44,7 @@ from gptlab.training.memory import (
     estimate_run_memory,
     gib,
 )
-from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
+from gptlab.training.speed import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
 
 def plain(node: DictConfig | None) -> dict[str, Any]:

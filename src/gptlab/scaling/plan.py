@@ -33,7 +33,7 @@ from gptlab.config import dataclass_from_dict
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.fileio import atomic_write_text
 from gptlab.model import GPT, GPTConfig
-from gptlab.training.scale import gradient_accumulation
+from gptlab.training.speed import gradient_accumulation
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 from gptlab.fileio import atomic_write_text
 from gptlab.model import GPT
 from gptlab.training.checkpoint import gpt_weights
-from gptlab.training.scale import is_logging_step
+from gptlab.training.speed import is_logging_step
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from gptlab.model import GPT, GPTConfig
 from gptlab.training.callbacks import SampleGenerationCallback
 from gptlab.training.checkpoint import Pretrained, check_architecture, load_pretrained_weights
 from gptlab.training.lit_gpt import LitGPT
-from gptlab.training.scale import is_logging_step
+from gptlab.training.speed import is_logging_step
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 
 from gptlab.errors import TrainingDivergedError
-from gptlab.training.scale import is_logging_step
+from gptlab.training.speed import is_logging_step
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from gptlab.training.resume import (
     restore_rng_state,
     rng_state_of_rank,
 )
-from gptlab.training.scale import (
+from gptlab.training.speed import (
     check_optimizer_strategy,
     check_switches,
     is_logging_step,
@@ -77,7 +77,7 @@ class LitGPT(L.LightningModule):
     def configure_model(self) -> None:
         # Lightning calls this before wrapping the model in a strategy (DDP, FSDP) and again on
         # later fit/validate calls, so apply the options once. Under FSDP the strategy
-        # checkpoints the blocks itself (inside each FSDP unit; see training/scale.py).
+        # checkpoints the blocks itself (inside each FSDP unit; see training/speed.py).
         if self._sped_up:
             return
         under_fsdp = self._trainer is not None and isinstance(self._trainer.strategy, FSDPStrategy)

@@ -1,4 +1,4 @@
-"""Speed and scale options: compile, activation checkpointing, precision, global batch in tokens,
+"""Speed options: compile, activation checkpointing, precision, global batch in tokens,
 Muon paired with AdamW, and the FSDP preset (which needs a GPU to run; see test_distributed.py)."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.lit_gpt import LitGPT, next_token_loss
 from gptlab.training.muon import MuonWithAdamW, hidden_matrices
 from gptlab.training.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
-from gptlab.training.scale import (
+from gptlab.training.speed import (
     accumulation_for_tokens,
     check_optimizer_strategy,
     fsdp_strategy,
