@@ -54,7 +54,7 @@ def write_checkpoint(path: Path, model, tokenizer_json: str | None, data_dir: Pa
     """A checkpoint as gptlab-train writes it (the keys `load_model` reads), without training."""
     import torch
 
-    from gptlab.training.lit_gpt import TOKENIZER_KEY
+    from gptlab.training.checkpoint import TOKENIZER_KEY
 
     checkpoint = {
         "hyper_parameters": {"model": model.config.to_dict()},

@@ -89,7 +89,12 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
         )
     lit.tokenizer_json = datamodule.tokenizer_path.read_text(encoding="utf-8")
     if pretrained is not None:
-        check_architecture(config, pretrained)
+        check_architecture(
+            config,
+            pretrained.config,
+            str(pretrained.path),
+            "start from it with the same architecture",
+        )
         check_same_tokenizer(lit.tokenizer_json, pretrained)
         load_pretrained_weights(lit.model, pretrained)
     return lit

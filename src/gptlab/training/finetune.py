@@ -299,7 +299,12 @@ def build_finetune_module(
         model["vocab_size"] = pretrained.config.vocab_size if pretrained else datamodule.vocab_size
     gpt_config = GPTConfig.from_dict(model)
     if pretrained is not None:
-        check_architecture(gpt_config, pretrained)
+        check_architecture(
+            gpt_config,
+            pretrained.config,
+            str(pretrained.path),
+            "start from it with the same architecture",
+        )
     if datamodule.vocab_size > gpt_config.vocab_size:
         raise ValueError(
             f"the tokenizer has {datamodule.vocab_size} tokens, more than the model's "
