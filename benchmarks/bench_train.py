@@ -50,7 +50,7 @@ from gptlab.cli.prepare import prepare
 from gptlab.cli.train import build_model, train
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT
-from gptlab.training.callbacks import cpu_name, measure_matmul_flops, precision_dtype
+from gptlab.training.callbacks.throughput import cpu_name, measure_matmul_flops, precision_dtype
 from gptlab.training.lit_gpt import next_token_loss
 from gptlab.training.optim import build_optimizer, build_scheduler
 

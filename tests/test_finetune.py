@@ -25,8 +25,9 @@ from gptlab.data.sources import builtin_corpus, builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
 from gptlab.errors import DataError
 from gptlab.model import GPT, GPTConfig
+from gptlab.training.callbacks.samples import ResponseSampleCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
-from gptlab.training.finetune import LitClassifier, LitSFT, ResponseSampleCallback
+from gptlab.training.finetune import LitClassifier, LitSFT
 from gptlab.training.lit_gpt import next_token_loss
 from tests.conftest import TINY_MODEL, compose_config, small_english_documents
 

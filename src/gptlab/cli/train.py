@@ -25,7 +25,8 @@ from gptlab.data.datamodule import GPTDataModule
 from gptlab.fileio import atomic_write_text, ensure_writable_dir
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingRun
-from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
+from gptlab.training.callbacks.samples import SampleGenerationCallback
+from gptlab.training.callbacks.throughput import ThroughputCallback
 from gptlab.training.checkpoint import (
     check_architecture,
     check_same_tokenizer,

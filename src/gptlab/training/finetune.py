@@ -16,11 +16,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
-from tokenizers import Tokenizer
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -28,10 +26,8 @@ from gptlab.config import dataclass_from_dict
 from gptlab.data.classify import PAD_ID, ClassificationDataModule
 from gptlab.data.finetune import IGNORE_INDEX, ExampleDataModule
 from gptlab.data.sft import SFTDataModule
-from gptlab.data.tokenizer import EOT_TOKEN
 from gptlab.lora import LoRAConfig, apply_lora, count_parameters
 from gptlab.model import GPT, GPTConfig
-from gptlab.training.callbacks import SampleGenerationCallback
 from gptlab.training.checkpoint import Pretrained, check_architecture, load_pretrained_weights
 from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.speed import is_logging_step
@@ -222,50 +218,6 @@ FINETUNE_TASKS: dict[str, tuple[type[LitGPT], type[ExampleDataModule]]] = {
     "sft": (LitSFT, SFTDataModule),
     "classify": (LitClassifier, ClassificationDataModule),
 }
-
-
-class ResponseSampleCallback(SampleGenerationCallback):
-    """The model's responses to the first `num_examples` held-out prompts of an SFTDataModule,
-    logged to TensorBoard as samples/<i> every `every_n_steps` and at the end of training; the
-    reference responses are logged once, at the start, as samples/reference_<i>."""
-
-    def __init__(
-        self,
-        num_examples: int = 3,
-        every_n_steps: int = 100,
-        max_new_tokens: int = 64,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            [], every_n_steps, max_new_tokens, temperature, top_k, top_p, seed, stop_at=EOT_TOKEN
-        )
-        self.num_examples = num_examples
-        self.references: list[str] = []
-        self._prompt_ids: list[list[int]] = []
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        datamodule = trainer.datamodule
-        if not isinstance(datamodule, SFTDataModule):
-            raise TypeError(
-                f"ResponseSampleCallback needs an SFTDataModule, got {type(datamodule).__name__}"
-            )
-        pairs = datamodule.sample_prompts(self.num_examples)
-        self._prompt_ids = [ids for ids, _ in pairs]
-        self.references = [reference for _, reference in pairs]
-        self.log_references(trainer)
-
-    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
-        return self._prompt_ids  # tokenized by the data module, as in training
-
-    @rank_zero_only
-    def log_references(self, trainer: L.Trainer) -> None:
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_text"):
-            for i, text in enumerate(self.references):
-                experiment.add_text(f"samples/reference_{i}", f"```\n{text}\n```", 0)
 
 
 def build_finetune_module(
