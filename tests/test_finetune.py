@@ -16,18 +16,18 @@ import torch
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlab.cli.train import build_model, train
-from gptlab.data.classify import PAD_ID, package_examples
-from gptlab.data.finetune import IGNORE_INDEX, split_examples
+from gptlab.cli.train import train
 from gptlab.data.prepare import prepare_dataset
-from gptlab.data.sft import PromptTemplate, SFTDataModule, collate, encode, render
 from gptlab.data.sources import builtin_corpus, builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
 from gptlab.errors import DataError
+from gptlab.finetune.base import IGNORE_INDEX, split_examples
+from gptlab.finetune.classify import PAD_ID, LitClassifier, package_examples
+from gptlab.finetune.sft import LitSFT, PromptTemplate, SFTDataModule, collate, encode, render
 from gptlab.model import GPT, GPTConfig
+from gptlab.training.build import build_module
 from gptlab.training.callbacks.samples import ResponseSampleCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
-from gptlab.training.finetune import LitClassifier, LitSFT
 from gptlab.training.lit_gpt import next_token_loss
 from tests.conftest import TINY_MODEL, compose_config, small_english_documents
 
@@ -241,7 +241,7 @@ def test_init_from_loads_the_weights_and_names_every_differing_field(
             [*FT_MODEL, f"data.dir={tiny_data_dir}", f"init_from={pretrained_ckpt}", *extra],
             tmp_path,
         )
-        return build_model(cfg, instantiate(cfg.data.loader))
+        return build_module(cfg, instantiate(cfg.data.loader))
 
     lit = build("model.dropout=0.1")  # dropout only regularises: it may differ
     expected = load_checkpoint(pretrained_ckpt)["state_dict"]

@@ -11,8 +11,9 @@ import torch
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlab.cli.train import plain, train, validation_line
+from gptlab.cli.train import train, validation_line
 from gptlab.config import dataclass_from_dict
+from gptlab.training.build import plain
 from gptlab.training.callbacks.samples import SampleGenerationCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.optim import SchedulerConfig, lr_factor

@@ -16,28 +16,22 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
 from gptlab.cli.sweep import RESULTS_FILE
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.fileio import atomic_write_text, ensure_writable_dir
-from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingRun
+from gptlab.training.build import build_datamodule, build_module
 from gptlab.training.callbacks.samples import SampleGenerationCallback
 from gptlab.training.callbacks.throughput import ThroughputCallback
 from gptlab.training.checkpoint import (
-    check_architecture,
-    check_same_tokenizer,
-    load_pretrained_weights,
-    read_pretrained,
     resolve_checkpoint,
     write_run_record,
 )
 from gptlab.training.console import quiet_known_notices
-from gptlab.training.finetune import build_finetune_module
-from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.memory import (
     MemoryEstimate,
     available_memory,
@@ -46,66 +40,6 @@ from gptlab.training.memory import (
     gib,
 )
 from gptlab.training.speed import check_launch, keep_log_file_on_rank_zero, set_global_batch
-
-
-def plain(node: DictConfig | None) -> dict[str, Any]:
-    """A config node as a plain dict: what goes into checkpoints must reload without OmegaConf."""
-    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
-
-
-def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
-    """LitGPT, or with a `finetune` section LitSFT / LitClassifier; with `init_from`, its weights
-    come from that checkpoint (optimizer and step count start fresh)."""
-    init_from = cfg.get("init_from")
-    pretrained = None
-    if init_from is not None:
-        pretrained = read_pretrained(resolve_checkpoint(init_from, cfg.paths.log_dir))
-    model, optimizer, scheduler = plain(cfg.model), plain(cfg.optimizer), plain(cfg.scheduler)
-    if cfg.get("finetune") is not None:
-        if cfg.compile or cfg.activation_checkpointing or cfg.global_batch_tokens is not None:
-            raise ValueError(
-                "compile, activation_checkpointing and global_batch_tokens apply to pretraining "
-                "only; for a finetuning experiment leave them at false, false and null "
-                "(trainer.accumulate_grad_batches accumulates gradients)"
-            )
-        return build_finetune_module(
-            model, optimizer, scheduler, plain(cfg.finetune), datamodule, pretrained
-        )
-    if model.get("vocab_size") is None:
-        model["vocab_size"] = datamodule.vocab_size
-    config = GPTConfig.from_dict(dict(model))  # validate before anything heavy happens
-    datamodule.check_vocab(model["vocab_size"])
-    lit = LitGPT(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        compile=cfg.compile,
-        activation_checkpointing=cfg.activation_checkpointing,
-    )
-    limit = lit.model.position.max_len
-    if limit is not None and datamodule.block_size > limit:
-        raise ValueError(
-            f"data.loader.block_size={datamodule.block_size} exceeds model.block_size={limit}, "
-            f"the length of the {lit.config.position!r} position table; make them equal"
-        )
-    lit.tokenizer_json = datamodule.tokenizer_path.read_text(encoding="utf-8")
-    if pretrained is not None:
-        check_architecture(
-            config,
-            pretrained.config,
-            str(pretrained.path),
-            "start from it with the same architecture",
-        )
-        check_same_tokenizer(lit.tokenizer_json, pretrained)
-        load_pretrained_weights(lit.model, pretrained)
-    return lit
-
-
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The pretraining stream (GPTDataModule), or a finetuning run's examples."""
-    if cfg.get("finetune") is not None:
-        return instantiate(cfg.data.loader)
-    return instantiate(cfg.data.loader, allow_data_change=cfg.resume.allow_data_change)
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -136,7 +70,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[s
     scaling_run = ScalingRun.start(cfg, datamodule)  # only for configs with a `scaling` section
     if scaling_run is not None and scaling_run.earlier_result is not None:
         return scaling_run.earlier_result  # finished before, or too big for its FLOP budget
-    model = build_model(cfg, datamodule)
+    model = build_module(cfg, datamodule)
     callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
     if scaling_run is not None:
         callbacks.append(scaling_run)

@@ -303,6 +303,11 @@ class GPTDataModule(L.LightningDataModule):
                 "made with a different tokenizer; re-run gptlab-prepare"
             )
 
+    @property
+    def tokenizer_json(self) -> str:
+        """The tokenizer the shards were made with, as the JSON text a checkpoint carries."""
+        return self.tokenizer_path.read_text(encoding="utf-8")
+
     def check_vocab(self, model_vocab_size: int) -> None:
         """Fail unless every token id in the data is a valid input/output of the model.
 

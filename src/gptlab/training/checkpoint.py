@@ -29,6 +29,7 @@ import json
 import logging
 import pickle
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -160,7 +161,7 @@ def read_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pre
         raise ValueError(
             f"{path} is a classifier (its head predicts classes, not tokens), so it cannot be "
             "used as a language model; load it with "
-            "gptlab.training.finetune.LitClassifier.load_from_checkpoint"
+            "gptlab.finetune.classify.LitClassifier.load_from_checkpoint"
         )
     if finetune.get("method") == "lora":
         state = _merge_lora_state(config, state, finetune.get("lora") or {})
@@ -302,18 +303,20 @@ def check_same_tokenizer(tokenizer_json: str, pretrained: Pretrained) -> None:
         )
 
 
-def load_pretrained_weights(model: nn.Module, pretrained: Pretrained, skip: str = "") -> None:
+def load_pretrained_weights(
+    model: nn.Module, pretrained: Pretrained, skip: Sequence[str] = ()
+) -> None:
     """Copy the checkpoint's weights into `model` (a GPT, possibly with LoRA adapters).
 
-    Keys starting with `skip` (a replaced head, say) are left out. Every other weight of the
-    model must come from the checkpoint, except the adapters, which keep their fresh init.
+    The weights of the modules named in `skip` (a replaced head, say) are left out. Every other
+    weight of the model must come from the checkpoint, except the adapters, which keep their
+    fresh init.
     """
-    state = {k: v for k, v in pretrained.state_dict.items() if not (skip and k.startswith(skip))}
+    skipped = tuple(f"{name}." for name in skip)
+    state = {k: v for k, v in pretrained.state_dict.items() if not k.startswith(skipped)}
     result = model.load_state_dict(state, strict=False)
     missing = [
-        k
-        for k in result.missing_keys
-        if not is_lora_parameter(k) and not (skip and k.startswith(skip))
+        k for k in result.missing_keys if not is_lora_parameter(k) and not k.startswith(skipped)
     ]
     if missing or result.unexpected_keys:
         raise ValueError(
