@@ -1,4 +1,11 @@
-"""gptlab-train: train a GPT on prepared shards, as the composed Hydra config says."""
+"""gptlab-train: config -> scaling plan -> data -> module -> Trainer -> fit -> results.
+
+`train(cfg)` reads top-down: a scaling-law sweep point first gets its plan (a pure function of
+the config and the data's manifest, gptlab.scaling.plan); then the data module and the
+LightningModule are built on one path for pretraining and finetuning (gptlab.training.build);
+then the Trainer, the memory check and the checkpoint to resume; then the fit, and the final
+metrics in results.json.
+"""
 
 from __future__ import annotations
 
@@ -16,16 +23,18 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
 from gptlab.cli.sweep import RESULTS_FILE
 from gptlab.data.datamodule import GPTDataModule
+from gptlab.data.manifest import load_manifest
 from gptlab.fileio import atomic_write_text, ensure_writable_dir
-from gptlab.scaling.plan import ScalingRun
+from gptlab.scaling.plan import ScalingRun, format_flops, plan_scaling_run
 from gptlab.training.build import build_datamodule, build_module
 from gptlab.training.callbacks.samples import SampleGenerationCallback
+from gptlab.training.callbacks.scaling import ScalingRunCallback
 from gptlab.training.callbacks.throughput import ThroughputCallback
 from gptlab.training.checkpoint import (
     resolve_checkpoint,
@@ -42,11 +51,60 @@ from gptlab.training.memory import (
 from gptlab.training.speed import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
 
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Train as `cfg` says and return the final metrics. Every config error surfaces before the
+    first step: the model, optimizer, schedule, data and Trainer are all built first.
+    `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
+    started = time.perf_counter()
+    quiet_known_notices()
+    L.seed_everything(cfg.seed, workers=True)
+    ensure_writable_dir(cfg.paths.output_dir)
+    cfg, scaling_run = plan_scaling(cfg)
+    if scaling_run is not None and (earlier := scaling_run.earlier_result()) is not None:
+        return earlier  # finished before, or too big for its FLOP budget
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
+    if scaling_run is not None:
+        callbacks.append(ScalingRunCallback(scaling_run))
+    trainer = build_trainer(cfg, callbacks, datamodule)
+    estimate = check_memory(cfg, trainer, module, datamodule)
+    if cfg.estimate_only:
+        return {"memory_estimate": asdict(estimate)}
+    ckpt_path = checkpoint_to_resume(cfg, trainer)
+    # weights_only: a checkpoint holds tensors and plain data, never pickled code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    results = collect_results(trainer, datamodule, callbacks)
+    results["wall_time_s"] = time.perf_counter() - started
+    save_results(cfg.paths.output_dir, results)
+    print_results(results)
+    return results
+
+
+def plan_scaling(cfg: DictConfig) -> tuple[DictConfig, ScalingRun | None]:
+    """A scaling-law sweep point (a config with a `scaling` section) gets its model shape, step
+    count and warmup from its FLOP budget, before anything is built."""
+    if cfg.get("scaling") is None:
+        return cfg, None
+    return plan_scaling_run(cfg, load_manifest(cfg.data.loader.data_dir))
+
+
 def instantiate_group(group: DictConfig | None) -> list[Any]:
     """Instantiate every entry of a callbacks/logger group; an entry set to null is switched off."""
     if group is None:
         return []
     return [instantiate(entry) for entry in group.values() if entry is not None]
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list[L.Callback], datamodule: L.LightningDataModule
+) -> L.Trainer:
+    """The configured Trainer with its loggers, the global batch set and the launch checked."""
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
+    check_launch(trainer)
+    return trainer
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -58,41 +116,15 @@ def run_name(cfg: DictConfig) -> str:
     return "default"
 
 
-def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
-    """Train as `cfg` says and return the final metrics. Every config error surfaces before the
-    first step: the model, optimizer, schedule, data and Trainer are all built first.
-    `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
-    started = time.perf_counter()
-    quiet_known_notices()
-    L.seed_everything(cfg.seed, workers=True)
-    ensure_writable_dir(cfg.paths.output_dir)
-    datamodule = build_datamodule(cfg)
-    scaling_run = ScalingRun.start(cfg, datamodule)  # only for configs with a `scaling` section
-    if scaling_run is not None and scaling_run.earlier_result is not None:
-        return scaling_run.earlier_result  # finished before, or too big for its FLOP budget
-    model = build_module(cfg, datamodule)
-    callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
-    if scaling_run is not None:
-        callbacks.append(scaling_run)
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
-    check_launch(trainer)
-    estimate = check_memory(cfg, trainer, model, datamodule)
-    if cfg.estimate_only:
-        return {"memory_estimate": asdict(estimate)}
+def checkpoint_to_resume(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """The file `ckpt_path` names ("last": the newest last.ckpt of runs of this name); the run's
+    record (run.json) notes it, and where this run's checkpoints go."""
     name = run_name(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         ckpt_path = str(resolve_checkpoint(ckpt_path, cfg.paths.log_dir, cfg.task_name, name))
     record_run(trainer, cfg.paths.output_dir, name, ckpt_path)
-    # weights_only: a checkpoint holds tensors and plain data, never pickled code.
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    results = collect_results(trainer, datamodule, callbacks)
-    results["wall_time_s"] = time.perf_counter() - started
-    save_results(cfg.paths.output_dir, results)
-    print_results(results)
-    return results
+    return ckpt_path
 
 
 def check_memory(
@@ -182,14 +214,25 @@ def print_results(results: dict[str, Any]) -> None:
         print(f"--- sample ---\n{sample}")
 
 
+def register_resolvers() -> None:
+    """The resolvers train configs use: `${flops:...}` names the run folders of
+    experiment=scaling_law. Hydra resolves a run's folder before the task runs."""
+    OmegaConf.register_new_resolver("flops", format_flops, replace=True)
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def command(cfg: DictConfig) -> None:
     keep_log_file_on_rank_zero()
     # In a sweep a job's error is written to its folder and the other jobs still run; the
     # sweep's summary lists it and the sweep exits with status 1 (see gptlab.cli.sweep).
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     with report_user_errors("gptlab-train", cfg.paths.output_dir if in_sweep else None):
         train(cfg)
+
+
+def main() -> None:
+    register_resolvers()
+    command()
 
 
 if __name__ == "__main__":

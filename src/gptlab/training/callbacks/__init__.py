@@ -10,4 +10,5 @@
 - `diagnostics`: `AttentionDiagnosticsCallback`, attention entropy, sink share and maps.
 - `eval_tasks`: `EvalTasksCallback`, zero-shot task scores while training.
 - `hparams`: `HParamsCallback`, the run's hyperparameters beside its final metrics.
+- `scaling`: `ScalingRunCallback`, the N, D and C of a scaling-law run, and its record.
 """
