@@ -29,10 +29,15 @@ from gptlab.training.build import build_module
 from gptlab.training.callbacks.samples import ResponseSampleCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.lit_gpt import next_token_loss
-from tests.conftest import TINY_MODEL, compose_config, small_english_documents
+from tests.conftest import (
+    FT_MODEL,
+    QUIET,
+    TINY_GPT,
+    compose_config,
+    finetune_config,
+    small_english_documents,
+)
 
-FT_MODEL = [*TINY_MODEL, "model.block_size=64"]
-QUIET = ["trainer.enable_progress_bar=false", "callbacks.throughput=null"]
 # Two steps with a checkpoint at the end: enough to resume from.
 SHORT_CLASSIFY = [
     "trainer.max_steps=2",
@@ -40,7 +45,6 @@ SHORT_CLASSIFY = [
     "scheduler.warmup_steps=1",
     "data.loader.batch_size=8",
 ]
-TINY_GPT = {"vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -93,11 +97,6 @@ def pretrained_ckpt(tiny_data_dir, tmp_path_factory) -> Path:
     ]
     train(compose_config("train", overrides, out))
     return out / "checkpoints" / "last.ckpt"
-
-
-def finetune_config(tmp_path: Path, tiny_data_dir: Path, experiment: str, *extra: str):
-    overrides = [*FT_MODEL, *QUIET, f"experiment={experiment}", f"data.dir={tiny_data_dir}"]
-    return compose_config("train", [*overrides, *extra], tmp_path)
 
 
 # ----------------------------------------------------------------------------- SFT data

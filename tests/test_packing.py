@@ -21,7 +21,7 @@ from gptlab.finetune.sft import (
     pack,
 )
 from gptlab.model import ATTENTION_BACKENDS, GPT, POSITIONS, GPTConfig, segment_positions
-from tests.test_finetune import TINY_GPT, finetune_config
+from tests.conftest import TINY_GPT, finetune_config
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, n_kv_heads=2)
 LENGTHS = [5, 3, 7]  # three documents in a row of 16: the last position is padding

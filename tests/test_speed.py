@@ -26,8 +26,7 @@ from gptlab.training.speed import (
     fsdp_strategy,
     set_global_batch,
 )
-from tests.conftest import compose_config
-from tests.test_train import tiny_run
+from tests.conftest import compose_config, tiny_run
 
 # Short runs: no progress bar, few validation windows, no text samples.
 QUICK = [

@@ -17,12 +17,7 @@ from gptlab.training.build import plain
 from gptlab.training.callbacks.samples import SampleGenerationCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.optim import SchedulerConfig, lr_factor
-from tests.conftest import TINY_MODEL, compose_config
-
-
-def tiny_run(tiny_data_dir, tmp_path, *extra: str):
-    overrides = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "data.loader.batch_size=16", *extra]
-    return compose_config("train", overrides, tmp_path)
+from tests.conftest import tiny_run
 
 
 def test_fast_dev_run_through_hydra(tiny_data_dir, tmp_path):
