@@ -43,7 +43,7 @@ import torch
 from tokenizers import Tokenizer
 
 from gptlab.data.shards import read_shard
-from gptlab.training.callbacks import cpu_name
+from gptlab.training.callbacks.throughput import cpu_name
 
 MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
 BATCH = 16

@@ -50,11 +50,29 @@ def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictCon
     return cfg
 
 
+def tiny_run(tiny_data_dir: Path, tmp_path: Path, *extra: str) -> DictConfig:
+    """The train config of the tiny model on the tiny data, plus `extra` overrides."""
+    overrides = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "data.loader.batch_size=16", *extra]
+    return compose_config("train", overrides, tmp_path)
+
+
+# Finetuning: the tiny model with room for whole examples, as a config and as a GPT dict.
+FT_MODEL = [*TINY_MODEL, "model.block_size=64"]
+QUIET = ["trainer.enable_progress_bar=false", "callbacks.throughput=null"]
+TINY_GPT = {"vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
+
+
+def finetune_config(tmp_path: Path, tiny_data_dir: Path, experiment: str, *extra: str):
+    """The config of a finetuning `experiment` (sft, classify) of the tiny model."""
+    overrides = [*FT_MODEL, *QUIET, f"experiment={experiment}", f"data.dir={tiny_data_dir}"]
+    return compose_config("train", [*overrides, *extra], tmp_path)
+
+
 def write_checkpoint(path: Path, model, tokenizer_json: str | None, data_dir: Path | None = None):
     """A checkpoint as gptlab-train writes it (the keys `load_model` reads), without training."""
     import torch
 
-    from gptlab.training.lit_gpt import TOKENIZER_KEY
+    from gptlab.training.checkpoint import TOKENIZER_KEY
 
     checkpoint = {
         "hyper_parameters": {"model": model.config.to_dict()},

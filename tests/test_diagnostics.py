@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gptlab.cli.train import train
 from gptlab.model import GPT, GPTConfig, SDPAttention, record_attention
-from gptlab.training.diagnostics import (
+from gptlab.training.callbacks.diagnostics import (
     AttentionDiagnosticsCallback,
     attention_entropy,
     attention_figure,

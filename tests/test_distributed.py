@@ -2,7 +2,7 @@
 
 FSDP is not tested here: torch's FullyShardedDataParallel refuses CPU-only machines ("FSDP
 needs a non-CPU accelerator device"), and Lightning's FSDPStrategy requires CUDA. The FSDP
-preset's configuration is checked in test_scale.py.
+preset's configuration is checked in test_speed.py.
 """
 
 from __future__ import annotations

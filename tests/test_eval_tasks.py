@@ -16,10 +16,10 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from gptlab.cli.evaluate import evaluate
 from gptlab.cli.train import train
-from gptlab.data.errors import DataError
 from gptlab.data.prepare import load_manifest
 from gptlab.data.sources import builtin_corpus
 from gptlab.data.tokenizer import train_tokenizer
+from gptlab.errors import DataError
 from gptlab.eval.builtin import (
     docstring_cloze,
     last_word,

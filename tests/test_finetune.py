@@ -16,22 +16,28 @@ import torch
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlab.cli.train import build_model, train
-from gptlab.data.classify import PAD_ID, package_examples
-from gptlab.data.errors import DataError
-from gptlab.data.finetune import IGNORE_INDEX, split_examples
+from gptlab.cli.train import train
 from gptlab.data.prepare import prepare_dataset
-from gptlab.data.sft import PromptTemplate, SFTDataModule, collate, encode, render
 from gptlab.data.sources import builtin_corpus, builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.errors import DataError
+from gptlab.finetune.base import IGNORE_INDEX, split_examples
+from gptlab.finetune.classify import PAD_ID, LitClassifier, package_examples
+from gptlab.finetune.sft import LitSFT, PromptTemplate, SFTDataModule, collate, encode, render
 from gptlab.model import GPT, GPTConfig
+from gptlab.training.build import build_module
+from gptlab.training.callbacks.samples import ResponseSampleCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
-from gptlab.training.finetune import LitClassifier, LitSFT, ResponseSampleCallback
 from gptlab.training.lit_gpt import next_token_loss
-from tests.conftest import TINY_MODEL, compose_config, small_english_documents
+from tests.conftest import (
+    FT_MODEL,
+    QUIET,
+    TINY_GPT,
+    compose_config,
+    finetune_config,
+    small_english_documents,
+)
 
-FT_MODEL = [*TINY_MODEL, "model.block_size=64"]
-QUIET = ["trainer.enable_progress_bar=false", "callbacks.throughput=null"]
 # Two steps with a checkpoint at the end: enough to resume from.
 SHORT_CLASSIFY = [
     "trainer.max_steps=2",
@@ -39,7 +45,6 @@ SHORT_CLASSIFY = [
     "scheduler.warmup_steps=1",
     "data.loader.batch_size=8",
 ]
-TINY_GPT = {"vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -92,11 +97,6 @@ def pretrained_ckpt(tiny_data_dir, tmp_path_factory) -> Path:
     ]
     train(compose_config("train", overrides, out))
     return out / "checkpoints" / "last.ckpt"
-
-
-def finetune_config(tmp_path: Path, tiny_data_dir: Path, experiment: str, *extra: str):
-    overrides = [*FT_MODEL, *QUIET, f"experiment={experiment}", f"data.dir={tiny_data_dir}"]
-    return compose_config("train", [*overrides, *extra], tmp_path)
 
 
 # ----------------------------------------------------------------------------- SFT data
@@ -240,7 +240,7 @@ def test_init_from_loads_the_weights_and_names_every_differing_field(
             [*FT_MODEL, f"data.dir={tiny_data_dir}", f"init_from={pretrained_ckpt}", *extra],
             tmp_path,
         )
-        return build_model(cfg, instantiate(cfg.data.loader))
+        return build_module(cfg, instantiate(cfg.data.loader))
 
     lit = build("model.dropout=0.1")  # dropout only regularises: it may differ
     expected = load_checkpoint(pretrained_ckpt)["state_dict"]

@@ -11,10 +11,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gptlab import __version__
-from gptlab.data.errors import DataError
-from gptlab.data.fileio import atomic_write, atomic_write_text
 from gptlab.data.shards import dtype_for_vocab, read_shard
 from gptlab.data.tokenizer import eot_id, load_tokenizer, unk_id
+from gptlab.errors import DataError
+from gptlab.fileio import atomic_write, atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 TASK_MANIFEST_NAME = "task_manifest.json"

@@ -71,8 +71,6 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from gptlab.data.clean import Cleaning, DigestSet, digest
-from gptlab.data.errors import DataError
-from gptlab.data.fileio import atomic_write, atomic_write_text, ensure_writable_dir
 from gptlab.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -82,7 +80,7 @@ from gptlab.data.manifest import (
     task_dir,
 )
 from gptlab.data.manifest import load_manifest as load_manifest  # where older code finds it
-from gptlab.data.shards import ShardBuilder, ShardError, dtype_for_vocab, read_header
+from gptlab.data.shards import ShardBuilder, dtype_for_vocab, read_header
 from gptlab.data.sources import Source, task_part
 from gptlab.data.tokenizer import (
     eot_id,
@@ -91,6 +89,8 @@ from gptlab.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from gptlab.errors import DataError, ShardError
+from gptlab.fileio import atomic_write, atomic_write_text, ensure_writable_dir
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from gptlab.data.clean import Cleaning, DocumentSplit, check_choice
-from gptlab.data.errors import DataError
+from gptlab.errors import DataError
 
 log = logging.getLogger(__name__)
 

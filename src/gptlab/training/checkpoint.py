@@ -1,26 +1,199 @@
-"""Finding and loading gptlab checkpoints without Lightning or Hydra, and starting a new run
-from a checkpoint's weights (`init_from`): architecture and tokenizer checks, weight loading."""
+"""Everything a gptlab checkpoint is: what it holds, how it is written, read, found and checked.
+
+What it holds. Lightning's checkpoint (weights, optimizer, LR scheduler, loop counters, the
+callbacks' and the datamodule's state) with LitGPT's hyperparameters as plain dicts (`model`,
+`optimizer`, `scheduler`, and for finetuning `finetune`), so a checkpoint rebuilds its model
+without Hydra; plus two keys of gptlab's own: the tokenizer as JSON text (TOKENIZER_KEY), so a
+checkpoint alone is enough to generate text, and every rank's RNG states (RNG_KEY), which
+Lightning does not save, for an exact resume. Everything stored is tensors and plain data, so
+checkpoints load with ``torch.load(weights_only=True)``: no pickled code, and no module path
+that a refactoring could break.
+
+Written atomically. Lightning's own writer serialises into memory and moves a temporary file
+from the system temp directory into place, which is neither atomic across filesystems nor
+fsynced. `AtomicCheckpointIO` writes to a temporary file next to its target, fsyncs it and
+renames it over the target (`gptlab.fileio.atomic_write`): a process killed during a save
+leaves the previous checkpoint intact, and a failed save (a full disk) removes its temporary
+file and says why. Reading a damaged checkpoint fails with a message naming the file.
+
+Read without Lightning or Hydra (`load_checkpoint`, `read_pretrained`, `load_model`), found by
+name (`resolve_checkpoint`: "last" is the newest last.ckpt, through each run's run.json), and
+checked before its weights are used: one architecture check for resuming and for starting a
+new run from a checkpoint's weights (`init_from`), one tokenizer check.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import pickle
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from tokenizers import Tokenizer
 from torch import Tensor, nn
 
-from gptlab.data.fileio import atomic_write_text
+from gptlab.config import dataclass_from_dict
+from gptlab.errors import CheckpointReadError, CheckpointWriteError
+from gptlab.fileio import atomic_write, atomic_write_text
 from gptlab.lora import LoRAConfig, apply_lora, is_lora_parameter, merge_lora
 from gptlab.model import GPT, GPTConfig
-from gptlab.training.checkpoint_io import CheckpointReadError
-from gptlab.training.lit_gpt import TOKENIZER_KEY
-from gptlab.training.optim import dataclass_from_dict
 
-RUN_RECORD = "run.json"
+log = logging.getLogger(__name__)
+
+TOKENIZER_KEY = "gptlab_tokenizer_json"
+RNG_KEY = "gptlab_rng_states"
+RUN_RECORD = "run.json"  # in each run's folder: its name and where its checkpoints go
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temp file in the same directory, fsyncs it, then renames."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(path)
+        try:
+            with atomic_write(path) as f:
+                torch.save(checkpoint, f)
+        except Exception as err:
+            cause = _os_error_in(err)
+            if cause is None:
+                raise
+            raise CheckpointWriteError(cause.errno, _explain(cause, path)) from err
+
+    def load_checkpoint(self, path: str | Path, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except FileNotFoundError:
+            raise
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as err:
+            raise CheckpointReadError(path, err) from err
+
+
+def remove_stale_temp_files(path: Path) -> None:
+    """Delete temp files that a process killed while saving `path` left behind."""
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        log.info("removing %s, left by a save that was interrupted", stale)
+        stale.unlink(missing_ok=True)
+
+
+def _os_error_in(err: BaseException | None) -> OSError | None:
+    # torch.save reports a failed write of its file object as a RuntimeError whose context
+    # is the OSError that the write raised.
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def _explain(err: OSError, path: Path) -> str:
+    reason = "no space left on device" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+    return (
+        f"cannot write checkpoint {path}: {reason}. The partial file was removed; the previous "
+        f"{path.name}, if any, is intact. Free space (or fix the directory) and resume from "
+        "the last checkpoint with ckpt_path=last"
+    )
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint's tensors and plain data only (no pickled code)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:
+        raise CheckpointReadError(path, err) from err
+
+
+def saved_model_config(checkpoint: dict[str, Any], source: str) -> GPTConfig:
+    """The config of the model whose weights `checkpoint` holds (`source` names it in errors)."""
+    saved = (checkpoint.get("hyper_parameters") or {}).get("model")
+    if saved is None:
+        raise ValueError(f"{source} is not a gptlab-train checkpoint (no model hyperparameters)")
+    try:
+        return GPTConfig.from_dict(dict(saved))
+    except ValueError as err:
+        raise ValueError(f"{source}: cannot rebuild its model config: {err}") from None
+
+
+def gpt_weights(lit_state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The GPT's own entries of a LitGPT state dict (`model.wte.weight` -> `wte.weight`)."""
+    prefix = "model."
+    return {k[len(prefix) :]: v for k, v in lit_state_dict.items() if k.startswith(prefix)}
+
+
+@dataclass
+class Pretrained:
+    """What a gptlab-train checkpoint holds for starting another run from it."""
+
+    path: Path
+    config: GPTConfig
+    state_dict: dict[str, Tensor]  # the GPT's weights, keys without the "model." prefix
+    tokenizer_json: str | None
+
+
+def read_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
+    """The language model in a checkpoint: GPT config, weights (LoRA adapters merged in) and
+    tokenizer."""
+    checkpoint = load_checkpoint(path, device)
+    config = saved_model_config(checkpoint, str(path))
+    state = gpt_weights(checkpoint["state_dict"])
+    finetune = checkpoint["hyper_parameters"].get("finetune") or {}
+    if finetune.get("task") == "classify":
+        raise ValueError(
+            f"{path} is a classifier (its head predicts classes, not tokens), so it cannot be "
+            "used as a language model; load it with "
+            "gptlab.finetune.classify.LitClassifier.load_from_checkpoint"
+        )
+    if finetune.get("method") == "lora":
+        state = _merge_lora_state(config, state, finetune.get("lora") or {})
+    return Pretrained(Path(path), config, state, checkpoint.get(TOKENIZER_KEY))
+
+
+def _merge_lora_state(
+    config: GPTConfig, state: dict[str, Tensor], lora: dict[str, Any]
+) -> dict[str, Tensor]:
+    """The weights of a LoRA-finetuned GPT with its adapters merged in: plain GPT weights."""
+    model = GPT(config)
+    apply_lora(model, dataclass_from_dict(LoRAConfig, dict(lora), "finetune.lora"))
+    model.load_state_dict(state)
+    return merge_lora(model).state_dict()
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[GPT, Tokenizer | None]:
+    """Rebuild the GPT (in eval mode) and its tokenizer from a gptlab-train checkpoint.
+
+    LoRA adapters of a finetuned checkpoint come back merged into the weights (a plain GPT).
+    """
+    pretrained = read_pretrained(path, device)
+    model = GPT(pretrained.config)
+    model.load_state_dict(pretrained.state_dict)
+    model.to(device).eval()
+    tokenizer_json = pretrained.tokenizer_json
+    return model, Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
+
+
+# ----------------------------------------------------------------------------- finding
 
 
 def write_run_record(
@@ -90,82 +263,14 @@ def resolve_checkpoint(
     return path
 
 
-def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint's tensors and plain data only (no pickled code)."""
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:
-        raise CheckpointReadError(path, err) from err
+# ----------------------------------------------------------------------------- checks
 
 
-def gpt_weights(lit_state_dict: dict[str, Any]) -> dict[str, Any]:
-    """The GPT's own entries of a LitGPT state dict (`model.wte.weight` -> `wte.weight`)."""
-    prefix = "model."
-    return {k[len(prefix) :]: v for k, v in lit_state_dict.items() if k.startswith(prefix)}
-
-
-@dataclass
-class Pretrained:
-    """What a gptlab-train checkpoint holds for starting another run from it."""
-
-    path: Path
-    config: GPTConfig
-    state_dict: dict[str, Tensor]  # the GPT's weights, keys without the "model." prefix
-    tokenizer_json: str | None
-
-
-def read_pretrained(path: str | Path, device: str | torch.device = "cpu") -> Pretrained:
-    """The language model in a checkpoint: GPT config, weights (LoRA adapters merged in) and
-    tokenizer."""
-    checkpoint = load_checkpoint(path, device)
-    try:
-        hparams = dict(checkpoint["hyper_parameters"])
-        config = GPTConfig.from_dict(dict(hparams["model"]))
-    except KeyError as err:
-        raise ValueError(
-            f"{path} is not a gptlab-train checkpoint (no model hyperparameters)"
-        ) from err
-    state = gpt_weights(checkpoint["state_dict"])
-    finetune = hparams.get("finetune") or {}
-    if finetune.get("task") == "classify":
-        raise ValueError(
-            f"{path} is a classifier (its head predicts classes, not tokens), so it cannot be "
-            "used as a language model; load it with "
-            "gptlab.training.finetune.LitClassifier.load_from_checkpoint"
-        )
-    if finetune.get("method") == "lora":
-        state = _merge_lora_state(config, state, finetune.get("lora") or {})
-    return Pretrained(Path(path), config, state, checkpoint.get(TOKENIZER_KEY))
-
-
-def _merge_lora_state(
-    config: GPTConfig, state: dict[str, Tensor], lora: dict[str, Any]
-) -> dict[str, Tensor]:
-    """The weights of a LoRA-finetuned GPT with its adapters merged in: plain GPT weights."""
-    model = GPT(config)
-    apply_lora(model, dataclass_from_dict(LoRAConfig, dict(lora), "finetune.lora"))
-    model.load_state_dict(state)
-    return merge_lora(model).state_dict()
-
-
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[GPT, Tokenizer | None]:
-    """Rebuild the GPT (in eval mode) and its tokenizer from a gptlab-train checkpoint.
-
-    LoRA adapters of a finetuned checkpoint come back merged into the weights (a plain GPT).
-    """
-    pretrained = read_pretrained(path, device)
-    model = GPT(pretrained.config)
-    model.load_state_dict(pretrained.state_dict)
-    model.to(device).eval()
-    tokenizer_json = pretrained.tokenizer_json
-    return model, Tokenizer.from_str(tokenizer_json) if tokenizer_json else None
-
-
-def check_architecture(config: GPTConfig, pretrained: Pretrained) -> None:
-    """Fail, listing every differing field, unless `config` builds the checkpoint's model."""
-    differing = config.architecture_differences(pretrained.config)
+def check_architecture(config: GPTConfig, saved: GPTConfig, source: str, remedy: str) -> None:
+    """Fail, listing every differing field, unless `config` builds the model whose weights
+    `source` holds (fields that only change how it runs, such as dropout, may differ). The
+    message ends with `remedy` and the overrides that give the checkpoint's architecture."""
+    differing = config.architecture_differences(saved)
     if differing:
         lines = "\n".join(
             f"  model.{key}: {mine!r} here, {theirs!r} in the checkpoint"
@@ -173,8 +278,8 @@ def check_architecture(config: GPTConfig, pretrained: Pretrained) -> None:
         )
         overrides = " ".join(f"model.{k}={_override_value(theirs)}" for k, _, theirs in differing)
         raise ValueError(
-            f"the model config differs from the architecture of {pretrained.path}:\n{lines}\n"
-            f"start from it with the same architecture: {overrides}"
+            f"the model config differs from the architecture of {source}:\n{lines}\n"
+            f"{remedy}: {overrides}"
         )
 
 
@@ -198,21 +303,108 @@ def check_same_tokenizer(tokenizer_json: str, pretrained: Pretrained) -> None:
         )
 
 
-def load_pretrained_weights(model: nn.Module, pretrained: Pretrained, skip: str = "") -> None:
+def load_pretrained_weights(
+    model: nn.Module, pretrained: Pretrained, skip: Sequence[str] = ()
+) -> None:
     """Copy the checkpoint's weights into `model` (a GPT, possibly with LoRA adapters).
 
-    Keys starting with `skip` (a replaced head, say) are left out. Every other weight of the
-    model must come from the checkpoint, except the adapters, which keep their fresh init.
+    The weights of the modules named in `skip` (a replaced head, say) are left out. Every other
+    weight of the model must come from the checkpoint, except the adapters, which keep their
+    fresh init.
     """
-    state = {k: v for k, v in pretrained.state_dict.items() if not (skip and k.startswith(skip))}
+    skipped = tuple(f"{name}." for name in skip)
+    state = {k: v for k, v in pretrained.state_dict.items() if not k.startswith(skipped)}
     result = model.load_state_dict(state, strict=False)
     missing = [
-        k
-        for k in result.missing_keys
-        if not is_lora_parameter(k) and not (skip and k.startswith(skip))
+        k for k in result.missing_keys if not is_lora_parameter(k) and not k.startswith(skipped)
     ]
     if missing or result.unexpected_keys:
         raise ValueError(
             f"{pretrained.path} does not fit the model: missing weights {missing}, "
             f"unexpected weights {result.unexpected_keys}"
         )
+
+
+def check_same_finetuning(saved: Any, current: Any, source: str) -> None:
+    """Refuse to resume a finetuning run with other `finetune` settings: they decide which weights
+    train (full, LoRA, frozen blocks), so the optimizer state would not fit."""
+    if (saved or None) != (current or None):
+        raise ValueError(
+            f"{source} was made with finetune={saved}, but this run has finetune={current}; "
+            "resume with the same finetune.* settings, or start a new run without ckpt_path"
+        )
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain data."""
+    version, mt_state, gauss_next = random.getstate()
+    numpy_state = np.random.get_state(legacy=False)
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": [version, list(mt_state), gauss_next],
+        "numpy": {
+            "key": numpy_state["state"]["key"].tolist(),
+            "pos": numpy_state["state"]["pos"],
+            "has_gauss": numpy_state["has_gauss"],
+            "gauss": numpy_state["gauss"],
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set this process's RNGs to `state` (from `capture_rng_state`)."""
+    torch.set_rng_state(state["torch"].cpu())  # a checkpoint may have been mapped to a GPU
+    version, mt_state, gauss_next = state["python"]
+    random.setstate((version, tuple(mt_state), gauss_next))
+    saved = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": np.array(saved["key"], dtype=np.uint32), "pos": saved["pos"]},
+            "has_gauss": saved["has_gauss"],
+            "gauss": saved["gauss"],
+        }
+    )
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+        else:
+            log.warning(
+                "checkpoint has CUDA RNG states of %d devices, this process sees %d; "
+                "CUDA RNGs not restored",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """The RNG states of every rank, indexed by rank (a collective: call it on all ranks)."""
+    state = capture_rng_state()
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_world_size() == 1:
+        return [state]
+    states: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, state)
+    return states
+
+
+def rng_state_of_rank(states: list[dict[str, Any]] | None, rank: int) -> dict[str, Any] | None:
+    """The saved RNG state of `rank`, or None (with a warning) where the checkpoint has none."""
+    if states is None:
+        log.warning("checkpoint holds no RNG states; random draws will differ from the saved run")
+        return None
+    if rank >= len(states):
+        log.warning(
+            "checkpoint holds RNG states of %d ranks; rank %d keeps its fresh RNG state",
+            len(states),
+            rank,
+        )
+        return None
+    return states[rank]

@@ -1,4 +1,6 @@
-"""What the finetuning data modules (`gptlab.data.sft`, `gptlab.data.classify`) share.
+"""What the finetuning tasks (`gptlab.finetune.sft`, `gptlab.finetune.classify`) share: the
+data module base (`ExampleDataModule`), the `finetune` config section (`FinetuneConfig`), and
+the module base (`LitFinetune`).
 
 Finetuning data is a list of examples small enough to hold in memory. It is split once, seeded,
 into training and held-out validation examples, and tokenized with the tokenizer of the
@@ -9,31 +11,43 @@ checkpoint (training from scratch) the tokenizer file at `tokenizer_path` is use
 Each example is encoded to token ids that start with the end-of-text token, as every document
 of the pretraining stream does (documents are separated by it), and batches are right-padded
 to their longest example.
+
+`finetune.method` chooses what trains: every weight ("full") or low-rank adapters on a frozen
+model ("lora", see `gptlab.lora`), and `finetune.freeze_blocks: k` also freezes the embeddings
+and the lowest k blocks.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from tokenizers import Tokenizer
+from torch import nn
 from torch.utils.data import DataLoader
 
-from gptlab.data.errors import DataError
+from gptlab.config import dataclass_from_dict
 from gptlab.data.sources import builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.errors import DataError
+from gptlab.lora import LoRAConfig, apply_lora, count_parameters
+from gptlab.model import GPT
+from gptlab.training.lit_gpt import LitGPT
 
 log = logging.getLogger(__name__)
 
 # A target equal to this adds no loss: it is F.cross_entropy's default ignore_index.
 IGNORE_INDEX = -100
 EXAMPLE_SOURCES = ("builtin", "jsonl")
+FINETUNE_METHODS = ("full", "lora")
 
 
 def split_examples(examples: Sequence[Any], val_fraction: float, seed: int) -> tuple[list, list]:
@@ -148,6 +162,18 @@ class ExampleDataModule(L.LightningDataModule):
     def eot_id(self) -> int:
         return eot_id(self.tokenizer)
 
+    def check_vocab(self, model_vocab_size: int) -> None:
+        """Fail unless every token id of the tokenizer is a valid input of the model."""
+        if self.vocab_size > model_vocab_size:
+            raise ValueError(
+                f"the tokenizer has {self.vocab_size} tokens, more than the model's "
+                f"vocab_size={model_vocab_size}"
+            )
+
+    def module_arguments(self) -> dict[str, Any]:
+        """What the task's LightningModule takes from the data (a classifier's labels)."""
+        return {}
+
     # ----------------------------------------------------------------- data
 
     @cached_property
@@ -199,3 +225,83 @@ class ExampleDataModule(L.LightningDataModule):
             collate_fn=self.collate_fn(),
             num_workers=self.num_workers,
         )
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "sft"  # sft | classify
+    method: str = "full"  # full | lora
+    freeze_blocks: int = 0  # freeze the embeddings and this many of the lowest blocks
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+
+    def __post_init__(self) -> None:
+        if self.method not in FINETUNE_METHODS:
+            raise ValueError(
+                f"finetune.method={self.method!r}; choose one of {', '.join(FINETUNE_METHODS)}"
+            )
+        if not (isinstance(self.freeze_blocks, int) and self.freeze_blocks >= 0):
+            raise ValueError(f"finetune.freeze_blocks={self.freeze_blocks!r} must be >= 0")
+        if isinstance(self.lora, Mapping):
+            self.lora = dataclass_from_dict(LoRAConfig, dict(self.lora), "finetune.lora")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> FinetuneConfig:
+        return dataclass_from_dict(cls, dict(values), "finetune")
+
+
+def prepare_for_finetuning(
+    model: GPT, config: FinetuneConfig, new_modules: Sequence[str] = ()
+) -> None:
+    """Set what trains, in place: LoRA adapters only or every weight, minus the embeddings and
+    the lowest `freeze_blocks` blocks (with tied weights, freezing the embedding freezes the LM
+    head too). The modules named in `new_modules`, such as a fresh head, always train."""
+    if config.freeze_blocks > model.config.n_layer:
+        raise ValueError(
+            f"finetune.freeze_blocks={config.freeze_blocks} exceeds the model's "
+            f"n_layer={model.config.n_layer}"
+        )
+    if config.method == "lora":
+        apply_lora(model, config.lora)
+    if config.freeze_blocks:
+        for module in (model.wte, model.position, *model.blocks[: config.freeze_blocks]):
+            module.requires_grad_(False)
+    for name in new_modules:
+        model.get_submodule(name).requires_grad_(True)
+
+
+class LitFinetune(LitGPT):
+    """LitGPT for finetuning a pretrained GPT: `finetune` (FinetuneConfig) chooses what trains.
+
+    A task may add modules to the GPT, such as a classifier's head, in `add_task_modules`; they
+    always train, and `gptlab-train` does not load them from the pretrained checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        finetune: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler)
+        self.finetune_config = FinetuneConfig.from_dict(finetune or {})
+        self.task_modules = self.add_task_modules()
+        prepare_for_finetuning(self.model, self.finetune_config, new_modules=self.task_modules)
+
+    def add_task_modules(self) -> list[str]:
+        """Add the task's own modules to `self.model` and return their names."""
+        return []
+
+
+@rank_zero_only
+def print_parameter_counts(module: nn.Module, config: FinetuneConfig) -> None:
+    trainable, frozen = count_parameters(module)
+    method = f"lora, rank {config.lora.rank}" if config.method == "lora" else config.method
+    print(
+        f"finetuning ({config.task}, {method}, {config.freeze_blocks} frozen blocks): "
+        f"{trainable:,} parameters trained ({trainable / (trainable + frozen):.2%}), "
+        f"{frozen:,} frozen"
+    )

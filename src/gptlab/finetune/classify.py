@@ -1,4 +1,4 @@
-"""Text classification data: (text, label) examples for `LitClassifier`.
+"""Text classification: (text, label) examples and `LitClassifier`, the GPT with a class head.
 
 - ``source="jsonl"``: one ``{"text": ..., "label": ...}`` object per line (the field names are
   configurable); labels are strings or integers, and class ids follow the sorted label names.
@@ -16,14 +16,18 @@ affecting the real ones.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cached_property
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
-from gptlab.data.errors import DataError
-from gptlab.data.finetune import ExampleDataModule, distinct_docstrings, pad
 from gptlab.data.sources import iter_jsonl_values, json_field
+from gptlab.errors import DataError
+from gptlab.finetune.base import ExampleDataModule, LitFinetune, distinct_docstrings, pad
 
 PAD_ID = -1
 
@@ -111,6 +115,9 @@ class ClassificationDataModule(ExampleDataModule):
         counts = Counter(label for _, label in self.splits[0])
         return self.labels.index(counts.most_common(1)[0][0])
 
+    def module_arguments(self) -> dict[str, Any]:
+        return {"labels": self.labels, "baseline_class": self.majority_class}
+
     def encode(self, example: tuple[str, str]) -> tuple[list[int], int]:
         text, label = example
         ids = self.tokenizer.encode(text).ids[: self.max_length - 2]
@@ -118,3 +125,69 @@ class ClassificationDataModule(ExampleDataModule):
 
     def collate_fn(self) -> Callable:
         return collate
+
+
+class LitClassifier(LitFinetune):
+    """The GPT with its LM head replaced by an n-class head, read at each example's last token
+    (padding is PAD_ID). Logs loss and accuracy, and the accuracy of always predicting
+    `baseline_class` (the training split's majority class) as accuracy/val_majority."""
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        finetune: dict[str, Any] | None = None,
+        labels: Sequence[str] = (),
+        baseline_class: int | None = None,
+    ) -> None:
+        if len(labels) < 2:
+            raise ValueError(f"a classifier needs at least 2 labels, got {list(labels)}")
+        super().__init__(model, optimizer, scheduler, finetune)
+        self.labels = list(labels)
+        self.baseline_class = baseline_class
+        self.train_acc = MulticlassAccuracy(len(labels), average="micro")
+        self.val_acc = MulticlassAccuracy(len(labels), average="micro")
+        self.majority_acc = MulticlassAccuracy(len(labels), average="micro")
+
+    def add_task_modules(self) -> list[str]:
+        # The head gives way to a fresh one (untied from the embedding), initialised as GPT's.
+        head = nn.Linear(self.config.n_embd, len(self.hparams.labels))
+        nn.init.normal_(head.weight, std=self.config.init_std)
+        nn.init.zeros_(head.bias)
+        self.model.lm_head = head
+        return ["lm_head"]
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx: (B, T) token ids right-padded with PAD_ID -> class logits (B, n_classes)."""
+        real = idx != PAD_ID
+        logits = self.model(idx.masked_fill(~real, 0))  # (B, T, n_classes)
+        last = real.sum(dim=1) - 1  # (B,) each example's last real position
+        return logits[torch.arange(idx.size(0), device=idx.device), last]
+
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        self.train_acc(logits, y)
+        self.log("loss/train", loss, prog_bar=True)
+        self.log("accuracy/train", self.train_acc)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_loss.update(F.cross_entropy(logits.float(), y), weight=y.numel())
+        self.val_acc.update(logits, y)
+        if self.baseline_class is not None:
+            self.majority_acc.update(torch.full_like(y, self.baseline_class), y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("loss/val", self.val_loss.compute(), prog_bar=True, sync_dist=False)
+        self.log("accuracy/val", self.val_acc.compute(), prog_bar=True, sync_dist=False)
+        if self.baseline_class is not None:
+            self.log("accuracy/val_majority", self.majority_acc.compute(), sync_dist=False)
+        for metric in (self.val_loss, self.val_acc, self.majority_acc):
+            metric.reset()

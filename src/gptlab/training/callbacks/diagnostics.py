@@ -18,11 +18,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 
 from gptlab.model import GPT, record_attention
+from gptlab.training.callbacks.periodic import EveryNStepsCallback
+from gptlab.training.tensorboard import tensorboard_writer
 
 
 def attention_probs(model: GPT, idx: Tensor) -> list[Tensor]:
@@ -75,7 +76,7 @@ def attention_figure(probs: Tensor, title: str) -> np.ndarray:
     return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
 
 
-class AttentionDiagnosticsCallback(L.Callback):
+class AttentionDiagnosticsCallback(EveryNStepsCallback):
     """Logs attention entropy, sink share and maps per layer to TensorBoard (rank 0 only), at
     the start of training, every `every_n_steps` and at the end.
 
@@ -87,10 +88,10 @@ class AttentionDiagnosticsCallback(L.Callback):
     def __init__(
         self, every_n_steps: int = 250, prompt_tokens: int = 64, images: bool = True
     ) -> None:
-        if every_n_steps < 1 or prompt_tokens < 2:
+        super().__init__(every_n_steps)
+        if prompt_tokens < 2:
             raise ValueError(
-                "AttentionDiagnosticsCallback needs every_n_steps >= 1 and prompt_tokens >= 2, "
-                f"got {every_n_steps} and {prompt_tokens}"
+                f"AttentionDiagnosticsCallback.prompt_tokens={prompt_tokens} must be >= 2"
             )
         if images:
             try:
@@ -100,24 +101,13 @@ class AttentionDiagnosticsCallback(L.Callback):
                     "attention maps need matplotlib: pip install 'gptlab[plots]', or set "
                     "callbacks.attention_diagnostics.images=false"
                 ) from err
-        self.every_n_steps = every_n_steps
         self.prompt_tokens = prompt_tokens
         self.images = images
         self.last: dict[str, Any] = {}
         self._prompt: Tensor | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.log_diagnostics(trainer, pl_module)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # With gradient accumulation several micro-batches end at the same global step.
-        step = trainer.global_step
-        if step % self.every_n_steps == 0 and step > 0 and self.last.get("step") != step:
-            self.log_diagnostics(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self.last.get("step") != trainer.global_step:
-            self.log_diagnostics(trainer, pl_module)
+        self.act(trainer, pl_module)
 
     def prompt(self, trainer: L.Trainer) -> Tensor:
         """The fixed prompt (1, T): the start of the first validation window."""
@@ -132,7 +122,7 @@ class AttentionDiagnosticsCallback(L.Callback):
         return self._prompt
 
     @rank_zero_only
-    def log_diagnostics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         idx = self.prompt(trainer).to(pl_module.device)
         probs = attention_probs(pl_module.model, idx)
         stats = [summarize(p) for p in probs]
@@ -151,11 +141,3 @@ class AttentionDiagnosticsCallback(L.Callback):
             if self.images:
                 image = attention_figure(p[0], f"layer {i}, step {step}")
                 writer.add_image(f"model/attention_map/layer_{i}", image, step, dataformats="HWC")
-
-
-def tensorboard_writer(trainer: L.Trainer) -> Any | None:
-    """The SummaryWriter of the Trainer's TensorBoard logger, if it has one."""
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None

@@ -1,4 +1,4 @@
-"""Training callbacks: throughput and MFU, and text samples logged to TensorBoard."""
+"""Training throughput (tokens/s) and model FLOPs utilisation, against the device's peak."""
 
 from __future__ import annotations
 
@@ -14,13 +14,9 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.strategies import FSDPStrategy
-from tokenizers import Tokenizer
 
-from gptlab.data.fileio import atomic_write_text
-from gptlab.model import GPT
-from gptlab.training.checkpoint import gpt_weights
-from gptlab.training.scale import is_logging_step
+from gptlab.fileio import atomic_write_text
+from gptlab.training.speed import is_logging_step
 
 log = logging.getLogger(__name__)
 
@@ -191,89 +187,3 @@ class ThroughputCallback(L.Callback):
 
     def on_validation_start(self, trainer, pl_module) -> None:
         self._last = None  # validation time is not training time
-
-
-class SampleGenerationCallback(L.Callback):
-    """Every `every_n_steps` (and at the end of training) generates text from fixed prompts and
-    logs it to TensorBoard's Text tab; rank 0 only."""
-
-    def __init__(
-        self,
-        prompts: list[str],
-        every_n_steps: int = 500,
-        max_new_tokens: int = 64,
-        temperature: float = 0.8,
-        top_k: int | None = 50,
-        top_p: float | None = None,
-        seed: int = 0,
-        stop_at: str | None = None,
-    ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"SampleGenerationCallback.every_n_steps={every_n_steps} must be >= 1")
-        self.prompts = list(prompts)
-        self.every_n_steps = every_n_steps
-        self.max_new_tokens = max_new_tokens
-        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-        self.seed = seed
-        self.stop_at = stop_at  # a token that ends a sample, e.g. the end-of-text token
-        self.last_samples: list[str] = []
-        self._sampled_step = -1
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # With gradient accumulation several micro-batches end at the same global step.
-        step = trainer.global_step
-        if step % self.every_n_steps == 0 and step > 0 and step != self._sampled_step:
-            self.log_samples(trainer, pl_module)
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.global_step != self._sampled_step:
-            self.log_samples(trainer, pl_module)
-
-    def log_samples(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sampled_step = trainer.global_step
-        if pl_module.tokenizer_json is None:
-            return
-        model = self.whole_model(trainer, pl_module)  # every rank joins (FSDP gathers weights)
-        if not trainer.is_global_zero:
-            return
-        tokenizer = Tokenizer.from_str(pl_module.tokenizer_json)
-        self.last_samples = [
-            self.complete(model, tokenizer, ids) for ids in self.prompt_ids(tokenizer)
-        ]
-        experiment = getattr(trainer.logger, "experiment", None)
-        if hasattr(experiment, "add_text"):
-            for i, text in enumerate(self.last_samples):
-                # Markdown code block keeps the generated whitespace readable in TensorBoard.
-                experiment.add_text(f"samples/{i}", f"```\n{text}\n```", trainer.global_step)
-
-    @staticmethod
-    def whole_model(trainer: L.Trainer, pl_module: L.LightningModule) -> GPT:
-        """The GPT to sample from. FSDP leaves each rank a shard of the weights, so the full
-        weights are gathered (a collective every rank must join) into a plain copy on rank 0."""
-        if not isinstance(trainer.strategy, FSDPStrategy):
-            return pl_module.model
-        state = trainer.strategy.lightning_module_state_dict()  # full on rank 0, empty elsewhere
-        if not trainer.is_global_zero:
-            return pl_module.model
-        model = GPT(pl_module.config)
-        model.load_state_dict(gpt_weights(state))
-        return model.to(pl_module.device)
-
-    def prompt_ids(self, tokenizer: Tokenizer) -> list[list[int]]:
-        """The token ids of each prompt (an empty prompt starts from token 0)."""
-        return [tokenizer.encode(prompt).ids or [0] for prompt in self.prompts]
-
-    def complete(self, model: GPT, tokenizer: Tokenizer, ids: list[int]) -> str:
-        device = model.wte.weight.device
-        idx = torch.tensor([ids], dtype=torch.long, device=device)
-        generator = torch.Generator(device=device).manual_seed(self.seed)
-        was_training = model.training
-        model.eval()
-        eos_id = tokenizer.token_to_id(self.stop_at) if self.stop_at else None
-        # A compiled forward would recompile for every new sequence length; decode eagerly.
-        with torch.compiler.set_stance("force_eager"):
-            out = model.generate(
-                idx, self.max_new_tokens, eos_id=eos_id, generator=generator, **self.sampling
-            )
-        model.train(was_training)
-        return tokenizer.decode(out[0].tolist())

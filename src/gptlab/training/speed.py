@@ -1,4 +1,4 @@
-"""Speed and scale, applied to the GPT from outside (as torchtitan does): torch.compile,
+"""Speed options, applied to the GPT from outside (as torchtitan does): torch.compile,
 activation checkpointing per block, the FSDP strategy, and the global batch in tokens.
 
 The model file stays plain single-device PyTorch; everything here wraps or configures it.

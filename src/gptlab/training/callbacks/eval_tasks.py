@@ -1,7 +1,7 @@
 """In-loop evaluation: zero-shot task scores while training (`callbacks=eval_tasks`).
 
-The callback lives with the tasks rather than in gptlab.training: it is a thin schedule around
-`gptlab.eval.scoring`, and training needs none of it unless the config asks.
+A thin schedule around `gptlab.eval.scoring`: the tasks and their scoring live in gptlab.eval,
+which training imports only when the config asks for this callback.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from tokenizers import Tokenizer
 from gptlab.eval.builtin import builtin_tasks
 from gptlab.eval.scoring import score_tasks
 from gptlab.eval.tasks import Task, resolve_task, subsample
-from gptlab.training.callbacks import SampleGenerationCallback
-from gptlab.training.diagnostics import tensorboard_writer
+from gptlab.training.callbacks.periodic import EveryNStepsCallback
+from gptlab.training.callbacks.samples import whole_model
+from gptlab.training.tensorboard import tensorboard_writer
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 LOGGED_METRICS = ("acc", "acc_norm", "acc_centred", "gold_bpb", "bpb", "ppl")
 
 
-class EvalTasksCallback(L.Callback):
+class EvalTasksCallback(EveryNStepsCallback):
     """Scores `tasks` on a fixed subsample (at most `max_examples` per task, the same every
     time) every `every_n_steps` and at the end of training, on rank 0.
 
@@ -46,20 +47,17 @@ class EvalTasksCallback(L.Callback):
         batch_size: int = 32,
         seed: int = 0,
     ) -> None:
-        if every_n_steps < 1:
-            raise ValueError(f"EvalTasksCallback.every_n_steps={every_n_steps} must be >= 1")
+        super().__init__(every_n_steps)
         if "builtin" in tasks and data_dir is None:
             raise ValueError("EvalTasksCallback: the builtin tasks need data_dir (prepared data)")
         self.data_dir = data_dir
         self.task_names = list(tasks)
-        self.every_n_steps = every_n_steps
         self.max_examples = max_examples
         self.batch_size = batch_size
         self.seed = seed
         self.seconds = 0.0
         self.last: dict[str, dict[str, float]] = {}
         self._tasks: list[Task] | None = None
-        self._scored_step = -1
 
     def tasks(self) -> list[Task]:
         """The subsampled tasks, loaded on first use."""
@@ -77,21 +75,10 @@ class EvalTasksCallback(L.Callback):
         if trainer.is_global_zero:
             self.tasks()  # a missing file or bad task fails before the first step
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        # With gradient accumulation several micro-batches end at the same global step.
-        step = trainer.global_step
-        if step % self.every_n_steps == 0 and step > 0 and step != self._scored_step:
-            self.evaluate(trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step != self._scored_step:
-            self.evaluate(trainer, pl_module)
-
-    def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._scored_step = trainer.global_step
+    def on_scheduled_step(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.tokenizer_json is None:
             return
-        model = SampleGenerationCallback.whole_model(trainer, pl_module)  # all ranks join
+        model = whole_model(trainer, pl_module)  # all ranks join
         if not trainer.is_global_zero:
             return
         start = time.perf_counter()

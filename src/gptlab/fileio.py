@@ -1,4 +1,4 @@
-"""Crash-safe file writing shared by the data pipeline."""
+"""Crash-safe file writing: atomic replacement, durable renames, writable-directory checks."""
 
 from __future__ import annotations
 

@@ -10,13 +10,10 @@ from typing import Any
 import lightning as L
 import torch
 
-from gptlab.training.scale import is_logging_step
+from gptlab.errors import TrainingDivergedError
+from gptlab.training.speed import is_logging_step
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDivergedError(FloatingPointError):
-    """Too many consecutive steps had a non-finite loss or gradient norm."""
 
 
 def grad_norm(optimizer: torch.optim.Optimizer) -> float:

@@ -1,4 +1,4 @@
-"""Speed and scale options: compile, activation checkpointing, precision, global batch in tokens,
+"""Speed options: compile, activation checkpointing, precision, global batch in tokens,
 Muon paired with AdamW, and the FSDP preset (which needs a GPU to run; see test_distributed.py)."""
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.lit_gpt import LitGPT, next_token_loss
 from gptlab.training.muon import MuonWithAdamW, hidden_matrices
 from gptlab.training.optim import OptimizerConfig, SchedulerConfig, build_optimizer, build_scheduler
-from gptlab.training.scale import (
+from gptlab.training.speed import (
     accumulation_for_tokens,
     check_optimizer_strategy,
     fsdp_strategy,
     set_global_batch,
 )
-from tests.conftest import compose_config
-from tests.test_train import tiny_run
+from tests.conftest import compose_config, tiny_run
 
 # Short runs: no progress bar, few validation windows, no text samples.
 QUICK = [

@@ -1,4 +1,4 @@
-"""Instruction finetuning (SFT) data: prompts and responses, with the loss on the responses only.
+"""Instruction finetuning (SFT): prompt/response data and `LitSFT`, the loss on responses only.
 
 Records come from JSON Lines files, one of two formats per line:
 
@@ -33,13 +33,22 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from gptlab.data.errors import DataError
-from gptlab.data.finetune import IGNORE_INDEX, ExampleDataModule, distinct_docstrings, pad
 from gptlab.data.sources import iter_jsonl_values, json_field
+from gptlab.errors import DataError
+from gptlab.finetune.base import (
+    IGNORE_INDEX,
+    ExampleDataModule,
+    LitFinetune,
+    distinct_docstrings,
+    pad,
+)
+from gptlab.training.speed import is_logging_step
 
 ROLES = ("system", "user", "assistant")
 
@@ -237,3 +246,67 @@ class SFTDataModule(ExampleDataModule):
             before, reference = split_last_response(segments)
             pairs.append((segment_ids(before, self.tokenizer, self.eot_id)[0], reference))
         return pairs
+
+
+class LitSFT(LitFinetune):
+    """LitGPT on prompt/response batches. Prompt and padding targets are IGNORE_INDEX, so only
+    response tokens add loss. Packed batches (data.loader.packing) carry a third tensor, the
+    segment ids, which the model is given.
+
+    The training loss of an optimizer step is the mean over all its response tokens, on every
+    rank and in every accumulated micro-batch, as loss/val is over the validation set: a
+    micro-batch with more response tokens weighs more. The total is known only once the last
+    micro-batch is in, so each micro-batch backpropagates its summed loss divided by a constant,
+    `loss_divisor`, and `on_before_optimizer_step` rescales the gradients to the mean.
+    """
+
+    def __init__(
+        self,
+        model: dict[str, Any],
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        finetune: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(model, optimizer, scheduler, finetune)
+        # Any constant gives the same gradients; about the response tokens of a micro-batch
+        # (set in `setup`), the backpropagated loss stays near a mean loss in size, which is
+        # what fp16 loss scaling and NonFiniteGuard's spike check expect.
+        self.loss_divisor = 1.0
+        self._step_sums = torch.zeros(2)  # (summed loss, response tokens) of this optimizer step
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if isinstance(datamodule, SFTDataModule):
+            self.loss_divisor = datamodule.response_tokens_per_batch()
+
+    def response_loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token loss over the response tokens of a batch, their count)."""
+        x, y, *segments = batch  # (inputs, targets) padded, (inputs, targets, segments) packed
+        logits = self.model(x, segments=segments[0] if segments else None)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+        return loss, (y != IGNORE_INDEX).sum()
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        loss, count = self.response_loss(batch)
+        self._step_sums = self._step_sums.to(loss.device) + torch.stack(
+            [loss.detach(), count.float()]
+        )
+        return loss / self.loss_divisor
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning divided each micro-batch's loss by the accumulation count, and DDP averages
+        # the gradients of the ranks; undo both and the divisor, then divide by the step's tokens.
+        loss, tokens = self.trainer.strategy.reduce(self._step_sums, reduce_op="sum")
+        self._step_sums = torch.zeros_like(self._step_sums)
+        trainer = self.trainer
+        scale = trainer.accumulate_grad_batches * trainer.world_size * self.loss_divisor
+        for param in self.parameters():
+            if param.grad is not None:
+                param.grad.mul_(scale / tokens.clamp(min=1))
+        if is_logging_step(trainer, self.global_step + 1):
+            self.log("loss/train", loss / tokens.clamp(min=1), prog_bar=True)
+
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        loss, count = self.response_loss(batch)
+        # Weighted by response tokens, loss/val is the exact mean over all of them.
+        self.val_loss.update(loss / count, weight=count)
