@@ -36,6 +36,8 @@ def test_neighbours_are_called_resolved_only_beyond_two_standard_errors():
     assert ranking_line([c, a, b], LOSS, higher_is_better=False) == "a > b ~ c"
     single = Variant("d", {LOSS: [0.5]})  # one seed: no sd, never resolved
     assert within_noise(single, a, LOSS)
+    zeros = [Variant(name, {LOSS: [0.0, 0.0, 0.0]}) for name in ("e", "f")]
+    assert within_noise(*zeros, LOSS)  # equal means with no spread are a tie, not resolved
 
 
 def test_a_sweep_is_scored_per_variant_and_seed(tiny_data_dir, tmp_path):

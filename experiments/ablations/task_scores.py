@@ -72,7 +72,7 @@ def within_noise(a: Variant, b: Variant, column: str) -> bool:
     """Whether the means differ by less than 2 standard errors of their difference."""
     (mean_a, sd_a), (mean_b, sd_b) = a.mean_sd(column), b.mean_sd(column)
     se = math.sqrt(sd_a**2 / len(a.values[column]) + sd_b**2 / len(b.values[column]))
-    return not abs(mean_a - mean_b) >= 2 * se  # a nan sd (one seed) counts as noise
+    return not abs(mean_a - mean_b) > 2 * se  # equal means, or a nan sd (one seed): noise
 
 
 def spearman(first: list[str], second: list[str]) -> float:
