@@ -235,6 +235,7 @@ def test_grid_optimum_at_an_edge_and_its_interval_over_noisy_seeds():
     optimum = grid_optimum(grid, noisy, resamples=500)
     assert -3.0 <= optimum.low < optimum.fitted < optimum.high <= -1.0
     assert grid_optimum(grid, noisy, resamples=500) == optimum  # seeded: the same every time
+    assert grid_optimum([1.0, 2.0], [[4.1], [4.0]]).at_edge  # too few points to fit
     with pytest.raises(ValueError, match="increasing grid"):
         grid_optimum([0.0, 2.0, 1.0], noisy)
 

@@ -331,8 +331,8 @@ def grid_optimum(
     """The optimum of a loss on an increasing `grid`, from `values[i]`, the losses of the seeds
     run at `grid[i]`. The interval bootstraps the seeds: each resample draws every point's seeds
     with replacement and refits; with 3 seeds a point it is a rough guide, not an exact one."""
-    if len(grid) != len(values) or len(grid) < 3 or list(grid) != sorted(set(grid)):
-        raise ValueError(f"need >= 3 increasing grid points with values each, got {list(grid)}")
+    if len(grid) != len(values) or not grid or list(grid) != sorted(set(grid)):
+        raise ValueError(f"need increasing grid points with values each, got {list(grid)}")
     rng = random.Random(seed)
     fitted = lowest_vertex(grid, [statistics.fmean(v) for v in values])
     estimates = sorted(
