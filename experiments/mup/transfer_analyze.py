@@ -24,6 +24,7 @@ from gptlab.analysis import (
     group_runs,
     load_runs,
     mean_std_text,
+    unfinished_lines,
 )
 
 HERE = Path(__file__).resolve().parent
@@ -127,10 +128,7 @@ def report(losses_by_p: dict[str, Losses], unfinished: list[SweepJob], steps: in
         "Written by `python -m experiments.mup.transfer_analyze`. Final validation loss "
         "(nats/token), mean ± sample sd over seeds (n = seeds that finished).",
     ]
-    if unfinished:
-        lines += ["", f"Not counted: {len(unfinished)} runs that did not finish:", ""]
-        for run in unfinished:
-            lines.append(f"- `{run.path}`: {run.error or 'no results (running or killed)'}")
+    lines += unfinished_lines(unfinished)
     for p, losses in losses_by_p.items():
         name = PARAMETRIZATIONS[p]
         found = optima(losses)

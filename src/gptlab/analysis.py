@@ -124,6 +124,17 @@ def load_runs(root: str | Path) -> list[SweepJob]:
     return [load_job(p.parent) for p in sorted(Path(root).rglob(".hydra")) if p.is_dir()]
 
 
+def unfinished_lines(runs: Sequence[SweepJob]) -> list[str]:
+    """Markdown lines for a study's report: the runs without results, and why (their error, if
+    they left one); none if every run finished."""
+    if not runs:
+        return []
+    lines = ["", f"Not counted: {len(runs)} runs that did not finish:", ""]
+    return lines + [
+        f"- `{run.path}`: {run.error or 'no results (running or killed)'}" for run in runs
+    ]
+
+
 def group_runs(runs: Sequence[SweepJob], keys: Sequence[str]) -> dict[tuple, list[SweepJob]]:
     """`runs` grouped by their values of the override `keys` (None where a run lacks one), in
     order of first appearance: with every key but the seed, each group holds one setting's
