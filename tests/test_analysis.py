@@ -17,6 +17,7 @@ from experiments.ablations.length_generalisation import (
     length_table,
     loss_by_position,
 )
+from experiments.ablations.welch_tests import claimed_differences
 from gptlab.analysis import (
     GridOptimum,
     compare_seeds,
@@ -95,8 +96,11 @@ def test_table_and_plot_of_a_sweep(tmp_path):
     assert rope.params == count_params(GPTConfig(**TINY, position="rope"))
     assert learned.params == rope.params + TINY["block_size"] * TINY["n_embd"]
     table = (tmp_path / "out" / "position_ablation.md").read_text()
-    assert "| rope | 11,504 | 3.100 ± 0.141 (n=2) | +0.000 | 1,500 ± 707 | 1.50 | 0.300 |" in table
-    assert "| learned | 11,760 | 4.000 ± 0.000 (n=2) | +0.900 |" in table
+    rope_row = "| rope | 11,504 | 3.100 ± 0.141 (n=2) | +0.000 | – | 1,500 ± 707 | 1.50 | 0.300 |"
+    assert rope_row in table
+    # Welch by hand: se = 0.1 (0.141 / sqrt 2, and 0), t = 9 with df = 1: P(|T| > 9) for the
+    # Cauchy distribution = 1 - 2 atan(9) / pi = 0.0704.
+    assert "| learned | 11,760 | 4.000 ± 0.000 (n=2) | +0.900 | 0.07 |" in table
     assert (tmp_path / "out" / "position_ablation.png").stat().st_size > 10_000
 
 
@@ -268,3 +272,14 @@ def test_load_runs_reads_sweep_jobs_and_single_runs_at_any_depth(tmp_path):
         ("0.2",): ["2", "1"],
     }
     assert load_runs(tmp_path / "missing") == []
+
+
+def test_the_ablation_claims_are_tested_from_the_shipped_tables():
+    comparisons = claimed_differences()
+    # rope 5.618 ± 0.026 vs learned 5.943 ± 0.074, 3 seeds each, by hand:
+    # se = sqrt(0.026^2 / 3 + 0.074^2 / 3) = 0.04529, t = -0.325 / se = -7.18.
+    rope = comparisons["position: rope vs learned"]
+    assert (rope.n_a, rope.n_b) == (3, 3)
+    assert rope.t == pytest.approx(-7.177, abs=1e-3)
+    alibi = comparisons["beyond − late: alibi vs none"]  # a table without "(n=...)"
+    assert (alibi.mean_a, alibi.sd_b, alibi.n_b) == (0.011, 0.009, 3)
