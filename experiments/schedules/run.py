@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from experiments.launch import STAMP, done_settings, gptlab_train, run_lanes, say
@@ -64,7 +64,14 @@ def common(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def sweep(arm: str, scheduler: str, length: int, seeds, args, extra=()) -> Callable[[], None]:
+def sweep(
+    arm: str,
+    scheduler: str,
+    length: int,
+    seeds: Sequence[int],
+    args: argparse.Namespace,
+    extra: Sequence[str] = (),
+) -> Callable[[], None]:
     """A Hydra sweep over the `seeds` of one arm and length that have not finished yet."""
     root = args.log_dir / TASK / arm
 
