@@ -38,6 +38,11 @@ from gptlab.training.tensorboard import current_tag
 
 Scalars = dict[str, list[tuple[int, float]]]  # tag -> [(step, value), ...]
 
+# The files a run folder may hold besides its logs: gptlab-train writes the final metrics, a sweep
+# job that stopped on a user error writes that error (gptlab.cli.errors).
+RESULTS_FILE = "results.json"
+ERROR_FILE = "error.txt"
+
 
 @dataclass
 class SweepJob:
@@ -54,16 +59,12 @@ class SweepJob:
     @cached_property
     def results(self) -> dict[str, Any] | None:
         """The final metrics train wrote when the run finished (results.json), else None."""
-        from gptlab.cli.sweep import RESULTS_FILE  # imported here: gptlab.cli.sweep imports us
-
         path = self.path / RESULTS_FILE
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
     @cached_property
     def error(self) -> str | None:
         """The error line of a sweep job that failed (error.txt), else None."""
-        from gptlab.cli.errors import ERROR_FILE
-
         path = self.path / ERROR_FILE
         return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 

@@ -11,10 +11,9 @@ from pathlib import Path
 
 from hydra.errors import InstantiationException
 
+from gptlab.analysis import ERROR_FILE
 from gptlab.errors import USER_ERRORS
 from gptlab.fileio import atomic_write_text
-
-ERROR_FILE = "error.txt"  # a failed sweep job's error, in its folder
 
 
 @contextlib.contextmanager

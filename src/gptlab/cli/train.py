@@ -25,9 +25,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from gptlab.analysis import RESULTS_FILE
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
-from gptlab.cli.sweep import RESULTS_FILE
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.data.manifest import load_manifest
 from gptlab.fileio import atomic_write_text, ensure_writable_dir
