@@ -19,7 +19,7 @@ from tests.conftest import TINY_MODEL, compose_config
 
 
 def tiny_run(tiny_data_dir, tmp_path, *extra: str):
-    overrides = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "data.loader.batch_size=16", *extra]
+    overrides = [*TINY_MODEL, f"corpus.dir={tiny_data_dir}", "data.loader.batch_size=16", *extra]
     return compose_config("train", overrides, tmp_path)
 
 

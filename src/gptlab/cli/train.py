@@ -20,7 +20,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
+from gptlab.cli.overrides import check_overrides
 from gptlab.cli.sweep import RESULTS_FILE
+from gptlab.config_schema import TrainSchema
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.data.fileio import atomic_write_text, ensure_writable_dir
 from gptlab.model import GPTConfig
@@ -98,7 +100,7 @@ def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The pretraining stream (GPTDataModule), or a finetuning run's examples."""
     if cfg.get("finetune") is not None:
-        return instantiate(cfg.data.loader)
+        return instantiate(cfg.finetune_data.loader)
     return instantiate(cfg.data.loader, allow_data_change=cfg.resume.allow_data_change)
 
 
@@ -242,6 +244,7 @@ def print_results(results: dict[str, Any]) -> None:
         print(f"--- sample ---\n{sample}")
 
 
+@check_overrides("gptlab-train", TrainSchema)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> None:
     keep_log_file_on_rank_zero()

@@ -9,7 +9,7 @@ or, with ``source="builtin"``, from the download-free corpus: "Write the docstri
 `json.dumps`." answered by the first paragraph of that docstring, for every documented object of
 the standard library.
 
-The prompt template (`PromptTemplate`, config ``data.template``) turns a record into text
+The prompt template (`PromptTemplate`, config ``finetune_data.template``) turns a record into text
 segments, each a prompt part or a response. Each segment is tokenized on its own and the ids are
 concatenated, so the prompt/response boundary is exact and a prompt encodes exactly as it will
 when the finetuned model is prompted with it. Every response is followed by the end-of-text
@@ -69,8 +69,8 @@ class PromptTemplate:
             used = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
             if used - permitted:
                 raise ValueError(
-                    f"data.template.{name} uses {sorted(used - permitted)}; it may use only "
-                    f"{', '.join('{' + p + '}' for p in sorted(permitted))}"
+                    f"finetune_data.template.{name} uses {sorted(used - permitted)}; it may use "
+                    f"only {', '.join('{' + p + '}' for p in sorted(permitted))}"
                 )
 
 

@@ -89,8 +89,8 @@ def prepare_for_finetuning(
 
 class LitSFT(LitGPT):
     """LitGPT on prompt/response batches. Prompt and padding targets are IGNORE_INDEX, so only
-    response tokens add loss. Packed batches (data.loader.packing) carry a third tensor, the
-    segment ids, which the model is given.
+    response tokens add loss. Packed batches (finetune_data.loader.packing) carry a third tensor,
+    the segment ids, which the model is given.
 
     The training loss of an optimizer step is the mean over all its response tokens, on every
     rank and in every accumulated micro-batch, as loss/val is over the validation set: a
@@ -283,7 +283,7 @@ def build_finetune_module(
     module_class, data_class = FINETUNE_TASKS[config.task]
     if not isinstance(datamodule, data_class):
         raise TypeError(
-            f"finetune.task={config.task!r} needs a {data_class.__name__} as data.loader, "
+            f"finetune.task={config.task!r} needs a {data_class.__name__} as finetune_data.loader, "
             f"got {type(datamodule).__name__}"
         )
     if pretrained is None:
