@@ -220,7 +220,7 @@ def test_misspelt_config_keys(tiny_data_dir, tmp_path, override, error, message)
 @pytest.mark.parametrize(
     ("override", "error", "message"),
     [
-        ("optimizer.lr=-1", ValueError, r"optimizer\.lr=-1 must be > 0"),
+        ("optimizer.lr=-1", ValueError, r"optimizer\.lr=-1\.0 must be > 0"),  # a float now
         ("model.n_embd=33", ValueError, r"n_embd=33 is invalid; expected divisible by n_head=2"),
         ("model.dropout=1.5", ValueError, r"dropout=1\.5 is invalid; expected in \[0, 1\)"),
         ("data.loader.batch_size=0", InstantiationException, "batch_size must be >= 1, got 0"),

@@ -37,7 +37,7 @@ SHORT_CLASSIFY = [
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "scheduler.warmup_steps=1",
-    "data.loader.batch_size=8",
+    "finetune_data.loader.batch_size=8",
 ]
 TINY_GPT = {"vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
@@ -240,7 +240,7 @@ def test_init_from_loads_the_weights_and_names_every_differing_field(
             [*FT_MODEL, f"corpus.dir={tiny_data_dir}", f"init_from={pretrained_ckpt}", *extra],
             tmp_path,
         )
-        return build_model(cfg, instantiate(cfg.finetune_data.loader))
+        return build_model(cfg, instantiate(cfg.data.loader))
 
     lit = build("model.dropout=0.1")  # dropout only regularises: it may differ
     expected = load_checkpoint(pretrained_ckpt)["state_dict"]
@@ -282,8 +282,8 @@ def sft_config(tmp_path: Path, tiny_data_dir: Path, pretrained_ckpt: Path, *extr
         f"init_from={pretrained_ckpt}",
         "finetune_data.source=jsonl",
         f"finetune_data.paths=[{data}]",
-        "data.loader.val_fraction=0.2",
-        "data.loader.tokenizer_path=/nonexistent/tokenizer.json",  # the checkpoint brings one
+        "finetune_data.loader.val_fraction=0.2",
+        "finetune_data.loader.tokenizer_path=/nonexistent/tokenizer.json",  # the checkpoint brings one
         "scheduler.warmup_steps=5",
         *extra,
     )
@@ -503,7 +503,7 @@ def test_classification_learns_a_keyword_task(pretrained_ckpt, tiny_data_dir, tm
         "finetune_data.text_field=sentence",
         "finetune_data.label_field=colour",
         "finetune_data.num_classes=null",
-        "data.loader.batch_size=16",
+        "finetune_data.loader.batch_size=16",
         "optimizer.lr=3e-3",
         "scheduler.warmup_steps=5",
         "trainer.max_steps=120",
