@@ -162,7 +162,8 @@ def test_a_bad_override_names_what_to_write_instead(args, error):
 
 def test_good_overrides_pass():
     args = ["model.n_kv_heads=2", "data.loader.batch_size=4", "hydra.run.dir=x", "+trainer.x=1"]
-    assert override_error([*args, "model/attention=eager", "corpus=hf", "-m"], TrainSchema) is None
+    groups = ["model/attention=eager", "corpus=hf", "debug=fast_dev_run", "+experiment=sft"]
+    assert override_error([*args, *groups, "-m"], TrainSchema) is None
 
 
 def test_the_readme_table_lists_each_moved_override():

@@ -92,7 +92,8 @@ def override_error(args: Sequence[str], schema: type | None) -> str | None:
         return moved
     for arg in args:
         key = arg.partition("=")[0].lstrip("+~")
-        if "=" not in arg or arg.startswith("-") or "/" in key or key.split(".")[0] == "hydra":
+        group_choice = "/" in key or (Path(CONFIG_DIR) / key).is_dir()
+        if "=" not in arg or arg.startswith("-") or group_choice or key.split(".")[0] == "hydra":
             continue  # an option, a group choice (Hydra lists those), or Hydra's own settings
         error = unknown_key_error(schema, key)
         if error is not None:
