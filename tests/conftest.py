@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.config_schema import register_schemas
 from gptlab.data.prepare import prepare_dataset
 
 # Tests never download: Hugging Face libraries fail fast instead of reaching for the Hub.
@@ -42,6 +43,7 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """Compose a root config as the CLI would, with output paths outside the repository."""
+    register_schemas()  # as gptlab.cli.train does
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name=name, overrides=overrides)
     with open_dict(cfg):

@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.overrides import new_override, override_error
-from gptlab.config_schema import ModelSchema, TrainSchema
+from gptlab.config_schema import ModelSchema, TrainSchema, register_schemas
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingConfig
 from gptlab.training.finetune import FinetuneConfig
@@ -39,6 +39,7 @@ DATACLASSES = {
 
 
 def compose_resolved(root: str, overrides: list[str]) -> dict[str, Any]:
+    register_schemas()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose(config_name=root, overrides=overrides)
     with open_dict(cfg):
@@ -130,6 +131,7 @@ def test_an_unknown_key_in_a_config_file_fails_at_composition(tmp_path):
     (tmp_path / "experiment").mkdir()
     (tmp_path / "experiment" / "typo.yaml").write_text("# @package _global_\nmodel:\n  n_layr: 3\n")
     overrides = [f"hydra.searchpath=[file://{tmp_path}]", "experiment=typo"]
+    register_schemas()
     with (
         initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"),
         pytest.raises(ConfigCompositionException) as caught,

@@ -283,7 +283,8 @@ def sft_config(tmp_path: Path, tiny_data_dir: Path, pretrained_ckpt: Path, *extr
         "finetune_data.source=jsonl",
         f"finetune_data.paths=[{data}]",
         "finetune_data.loader.val_fraction=0.2",
-        "finetune_data.loader.tokenizer_path=/nonexistent/tokenizer.json",  # the checkpoint brings one
+        # the checkpoint brings its tokenizer
+        "finetune_data.loader.tokenizer_path=/nonexistent/tokenizer.json",
         "scheduler.warmup_steps=5",
         *extra,
     )

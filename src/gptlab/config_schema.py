@@ -1,8 +1,9 @@
 """The schema of the Hydra configs: which keys each section may hold, their types and defaults.
 
-`register()` stores the root configs' schemas in Hydra's ConfigStore; configs/train.yaml and
-configs/prepare.yaml name them first in their defaults lists, so composition fails on an unknown
-or misspelled key, or a value of the wrong type, before anything is built.
+`register_schemas()` (called by gptlab.cli.train) stores the schema of configs/train.yaml in
+Hydra's ConfigStore; train.yaml names it first in its defaults list, so composition fails on an
+unknown or misspelled key, or a value of the wrong type, before anything is built. (Not from
+gptlab.cli itself: gptlab-prepare would then import torch and Lightning for nothing.)
 
 The model, optimizer, scheduler, finetune and scaling sections are derived from the dataclasses
 that the run builds from them (`GPTConfig`, `OptimizerConfig`, ...): the same keys, types and
@@ -121,29 +122,7 @@ class TrainSchema:
     paths: Mapping = field(default_factory=dict)
 
 
-def register() -> None:
+def register_schemas() -> None:
     """Store the schemas in Hydra's ConfigStore (idempotent); the root configs name them."""
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainSchema)
-
-
-def unknown_key_error(schema: type, key: str) -> str | None:
-    """Why dotted `key` (e.g. ``model.n_layr``) is not a key of `schema`, listing the valid keys
-    where it goes astray; None if it is one, or lies inside an open mapping."""
-    node = schema
-    parts = key.split(".")
-    for depth, part in enumerate(parts):
-        hints = typing.get_type_hints(node)
-        if part not in hints:
-            section = ".".join(parts[:depth]) or "the root config"
-            return (
-                f"{'.'.join(parts[: depth + 1])} is not a config key; the keys of {section} are: "
-                f"{', '.join(f.name for f in dataclasses.fields(node))}"
-            )
-        hint = hints[part]
-        if typing.get_origin(hint) is typing.Union:  # Optional[X]
-            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
-        if not dataclasses.is_dataclass(hint):
-            return None
-        node = hint
-    return None

@@ -3,9 +3,5 @@ plus a thin `@hydra.main` wrapper that the console scripts in pyproject.toml poi
 
 from pathlib import Path
 
-from gptlab.config_schema import register as register_config_schemas
-
 # The configs live at the repository's top level (configs/), next to src/.
 CONFIG_DIR = str(Path(__file__).resolve().parents[3] / "configs")
-
-register_config_schemas()

@@ -15,14 +15,15 @@ what to write instead:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.config_schema import unknown_key_error
 
 # model/attention=<old variant> -> the values it set (in experiment=attention_ablation the same
 # variants are the study's named combinations: ablation/attention=<variant>).
@@ -82,6 +83,28 @@ def moved_override_error(args: Sequence[str]) -> str | None:
                 f"ablation/attention={variant})"
             )
         return message + ' (README: "Config overrides: old to new")'
+    return None
+
+
+def unknown_key_error(schema: type, key: str) -> str | None:
+    """Why dotted `key` (e.g. ``model.n_layr``) is not a key of `schema`, listing the valid keys
+    where it goes astray; None if it is one, or lies inside an open mapping."""
+    node = schema
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            section = ".".join(parts[:depth]) or "the root config"
+            return (
+                f"{'.'.join(parts[: depth + 1])} is not a config key; the keys of {section} are: "
+                f"{', '.join(f.name for f in dataclasses.fields(node))}"
+            )
+        hint = hints[part]
+        if typing.get_origin(hint) is typing.Union:  # Optional[X]
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        if not dataclasses.is_dataclass(hint):
+            return None
+        node = hint
     return None
 
 

@@ -22,7 +22,7 @@ from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
 from gptlab.cli.overrides import check_overrides
 from gptlab.cli.sweep import RESULTS_FILE
-from gptlab.config_schema import TrainSchema
+from gptlab.config_schema import TrainSchema, register_schemas
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.data.fileio import atomic_write_text, ensure_writable_dir
 from gptlab.model import GPTConfig
@@ -47,6 +47,8 @@ from gptlab.training.memory import (
     gib,
 )
 from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
+
+register_schemas()  # configs/train.yaml names train_schema first
 
 
 def plain(node: DictConfig | None) -> dict[str, Any]:
