@@ -94,7 +94,7 @@ def compose_train_config(
         f"trainer.val_check_interval={steps + 1}",  # no validation inside the timed steps
         "trainer.enable_progress_bar=false",
         f"compile={str(args.compile).lower()}",
-        f"data.dir={args.data_dir}",
+        f"corpus.dir={args.data_dir}",
         f"data.loader.batch_size={shape.batch_size}",
         f"model.n_layer={shape.n_layer}",
         f"model.n_embd={shape.n_embd}",
@@ -116,7 +116,7 @@ def ensure_data(data_dir: Path) -> None:
     if (data_dir / "manifest.json").exists():
         return
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="prepare", overrides=[f"data.dir={data_dir}"])
+        cfg = compose(config_name="prepare", overrides=[f"corpus.dir={data_dir}"])
     prepare(cfg)
 
 

@@ -56,7 +56,7 @@ def write_job(
     (job / ".hydra" / "overrides.yaml").write_text(
         f"- model/position={position}\n- seed={seed}\n- experiment=position_ablation\n"
     )
-    (job / ".hydra" / "config.yaml").write_text(f"data:\n  dir: {data_dir}\n")
+    (job / ".hydra" / "config.yaml").write_text(f"data:\n  loader:\n    data_dir: {data_dir}\n")
     writer = SummaryWriter(str(job / "tensorboard"))
     for i, loss in enumerate(val_losses):
         writer.add_scalar("loss/val", loss, 10 * (i + 1))

@@ -43,7 +43,7 @@ SHORT_CLASSIFY = [
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "scheduler.warmup_steps=1",
-    "data.loader.batch_size=8",
+    "finetune_data.loader.batch_size=8",
 ]
 
 
@@ -88,7 +88,7 @@ def pretrained_ckpt(tiny_data_dir, tmp_path_factory) -> Path:
     overrides = [
         *FT_MODEL,
         *QUIET,
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=16",
         "trainer.max_steps=40",
         "trainer.val_check_interval=40",
@@ -237,7 +237,7 @@ def test_init_from_loads_the_weights_and_names_every_differing_field(
     def build(*extra: str):
         cfg = compose_config(
             "train",
-            [*FT_MODEL, f"data.dir={tiny_data_dir}", f"init_from={pretrained_ckpt}", *extra],
+            [*FT_MODEL, f"corpus.dir={tiny_data_dir}", f"init_from={pretrained_ckpt}", *extra],
             tmp_path,
         )
         return build_module(cfg, instantiate(cfg.data.loader))
@@ -256,7 +256,7 @@ def test_init_from_loads_the_weights_and_names_every_differing_field(
     other = tmp_path / "other"
     prepare_dataset(small_english_documents(40), other, vocab_size=400, progress=False)
     with pytest.raises(ValueError, match="tokenizer differs"):
-        build(f"data.dir={other}", "model.vocab_size=512")
+        build(f"corpus.dir={other}", "model.vocab_size=512")
 
 
 # ----------------------------------------------------------------------------- SFT runs
@@ -280,10 +280,11 @@ def sft_config(tmp_path: Path, tiny_data_dir: Path, pretrained_ckpt: Path, *extr
         tiny_data_dir,
         "sft",
         f"init_from={pretrained_ckpt}",
-        "data.source=jsonl",
-        f"data.paths=[{data}]",
-        "data.loader.val_fraction=0.2",
-        "data.loader.tokenizer_path=/nonexistent/tokenizer.json",  # the checkpoint brings one
+        "finetune_data.source=jsonl",
+        f"finetune_data.paths=[{data}]",
+        "finetune_data.loader.val_fraction=0.2",
+        # the checkpoint brings its tokenizer
+        "finetune_data.loader.tokenizer_path=/nonexistent/tokenizer.json",
         "scheduler.warmup_steps=5",
         *extra,
     )
@@ -304,7 +305,11 @@ def test_sft_learns_the_responses_with_the_checkpoints_tokenizer(
     )
     base, tokenizer = load_model(pretrained_ckpt)
     datamodule = SFTDataModule(
-        source="jsonl", paths=list(cfg.data.paths), max_length=64, val_fraction=0.2, seed=cfg.seed
+        source="jsonl",
+        paths=list(cfg.finetune_data.paths),
+        max_length=64,
+        val_fraction=0.2,
+        seed=cfg.seed,
     )
     datamodule.use_tokenizer(tokenizer.to_str())
     before = response_loss(base, datamodule)
@@ -494,12 +499,12 @@ def test_classification_learns_a_keyword_task(pretrained_ckpt, tiny_data_dir, tm
         tiny_data_dir,
         "classify",
         f"init_from={pretrained_ckpt}",
-        "data.source=jsonl",
-        f"data.paths=[{data}]",
-        "data.text_field=sentence",
-        "data.label_field=colour",
-        "data.num_classes=null",
-        "data.loader.batch_size=16",
+        "finetune_data.source=jsonl",
+        f"finetune_data.paths=[{data}]",
+        "finetune_data.text_field=sentence",
+        "finetune_data.label_field=colour",
+        "finetune_data.num_classes=null",
+        "finetune_data.loader.batch_size=16",
         "optimizer.lr=3e-3",
         "scheduler.warmup_steps=5",
         "trainer.max_steps=120",
@@ -526,7 +531,7 @@ def test_experiments_run_from_scratch_with_a_warning(
     tiny_data_dir, tmp_path, caplog, experiment, extra, outputs
 ):
     """Without init_from the built-in tasks still run (e.g. for a config sweep), with a
-    warning; the tokenizer then comes from the prepared dataset in data.dir."""
+    warning; the tokenizer then comes from the prepared dataset in corpus.dir."""
     cfg = finetune_config(tmp_path, tiny_data_dir, experiment, "debug=fast_dev_run", *extra)
     with caplog.at_level(logging.WARNING):
         results = train(cfg)

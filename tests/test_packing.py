@@ -155,7 +155,7 @@ def test_packed_sft_runs_end_to_end(tiny_data_dir, tmp_path):
         "sft",
         "debug=fast_dev_run",
         "model.block_size=128",
-        "data.loader.packing=true",
+        "finetune_data.loader.packing=true",
     )
     results = train(cfg)
     # A freshly initialised model guesses about uniformly over the 512 tokens of tiny_data_dir:

@@ -223,7 +223,7 @@ def test_compile_checkpointing_bf16_and_global_batch_through_train(
     [
         ("global_batch_tokens=1000", "global_batch_tokens=1000 must be a positive multiple"),
         ("trainer.precision=17", "precision"),
-        ("compile=maybe", "compile='maybe' must be true or false"),
+        ("compile=maybe", "Error merging override compile=maybe"),  # the schema: a bool
     ],
 )
 def test_bad_speed_options_fail_before_training(tiny_data_dir, tmp_path, override, message):

@@ -28,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from gptlab.analysis import RESULTS_FILE
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
+from gptlab.cli.overrides import check_overrides
+from gptlab.config_schema import TrainSchema, register_schemas
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.data.manifest import load_manifest
 from gptlab.fileio import atomic_write_text, ensure_writable_dir
@@ -220,6 +222,7 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("flops", format_flops, replace=True)
 
 
+@check_overrides("gptlab-train", TrainSchema)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def command(cfg: DictConfig) -> None:
     keep_log_file_on_rank_zero()
@@ -232,6 +235,7 @@ def command(cfg: DictConfig) -> None:
 
 def main() -> None:
     register_resolvers()
+    register_schemas()  # configs/train.yaml names train_schema first
     command()
 
 

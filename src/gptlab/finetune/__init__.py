@@ -19,7 +19,7 @@ from gptlab.finetune.base import ExampleDataModule, LitFinetune
 from gptlab.finetune.classify import ClassificationDataModule, LitClassifier
 from gptlab.finetune.sft import LitSFT, SFTDataModule
 
-# finetune.task -> its LightningModule and the data module (data.loader) it reads.
+# finetune.task -> its LightningModule and the data module (finetune_data.loader) it reads.
 FINETUNE_TASKS: dict[str, tuple[type[LitFinetune], type[ExampleDataModule]]] = {
     "sft": (LitSFT, SFTDataModule),
     "classify": (LitClassifier, ClassificationDataModule),

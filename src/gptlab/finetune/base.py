@@ -53,7 +53,7 @@ FINETUNE_METHODS = ("full", "lora")
 def split_examples(examples: Sequence[Any], val_fraction: float, seed: int) -> tuple[list, list]:
     """A seeded shuffle, then the first max(1, round(val_fraction * n)) examples are held out."""
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"data.loader.val_fraction must be in (0, 1), got {val_fraction}")
+        raise ValueError(f"finetune_data.loader.val_fraction must be in (0, 1), got {val_fraction}")
     n_val = max(1, round(val_fraction * len(examples)))
     if n_val >= len(examples):
         raise DataError(
@@ -96,15 +96,17 @@ class ExampleDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if source not in EXAMPLE_SOURCES:
-            raise ValueError(f"data.source={source!r}; choose one of {', '.join(EXAMPLE_SOURCES)}")
+            raise ValueError(
+                f"finetune_data.source={source!r}; choose one of {', '.join(EXAMPLE_SOURCES)}"
+            )
         if (source == "jsonl") != bool(paths):
             raise ValueError(
-                f"data.paths={list(paths or [])}: source 'jsonl' needs files or globs, "
+                f"finetune_data.paths={list(paths or [])}: source 'jsonl' needs files or globs, "
                 "source 'builtin' takes none"
             )
         for name, value in (("max_length", max_length), ("batch_size", batch_size)):
             if value < 1:
-                raise ValueError(f"data.loader.{name} must be >= 1, got {value}")
+                raise ValueError(f"finetune_data.loader.{name} must be >= 1, got {value}")
         self.source = source  # "builtin": a task made from the built-in corpus; "jsonl": files
         self.paths = list(paths or [])
         self.max_length = max_length
@@ -145,7 +147,7 @@ class ExampleDataModule(L.LightningDataModule):
             if self.tokenizer_path is None:
                 raise ValueError(
                     "no tokenizer: finetune from a checkpoint (init_from=...), which brings its "
-                    "own, or set data.loader.tokenizer_path to a tokenizer.json"
+                    "own, or set finetune_data.loader.tokenizer_path to a tokenizer.json"
                 )
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer

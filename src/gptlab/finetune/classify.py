@@ -83,9 +83,13 @@ class ClassificationDataModule(ExampleDataModule):
             source, paths, max_length, batch_size, val_fraction, seed, num_workers, tokenizer_path
         )
         if source == "builtin" and (num_classes is None or num_classes < 2):
-            raise ValueError(f"data.num_classes={num_classes!r}: the built-in task needs >= 2")
+            raise ValueError(
+                f"finetune_data.num_classes={num_classes!r}: the built-in task needs >= 2"
+            )
         if max_length < 3:
-            raise ValueError(f"data.loader.max_length={max_length}: need >= 3 (EOT, text, EOT)")
+            raise ValueError(
+                f"finetune_data.loader.max_length={max_length}: need >= 3 (EOT, text, EOT)"
+            )
         self.text_field = text_field
         self.label_field = label_field
         self.num_classes = num_classes
@@ -104,8 +108,8 @@ class ClassificationDataModule(ExampleDataModule):
             raise DataError(f"the data has {len(labels)} distinct label(s); need at least 2")
         if self.num_classes is not None and len(labels) != self.num_classes:
             raise DataError(
-                f"data.num_classes={self.num_classes}, but the data has {len(labels)} labels: "
-                f"{labels[:20]}"
+                f"finetune_data.num_classes={self.num_classes}, but the data has {len(labels)} "
+                f"labels: {labels[:20]}"
             )
         return labels
 

@@ -9,7 +9,7 @@ or, with ``source="builtin"``, from the download-free corpus: "Write the docstri
 `json.dumps`." answered by the first paragraph of that docstring, for every documented object of
 the standard library.
 
-The prompt template (`PromptTemplate`, config ``data.template``) turns a record into text
+The prompt template (`PromptTemplate`, config ``finetune_data.template``) turns a record into text
 segments, each a prompt part or a response. Each segment is tokenized on its own and the ids are
 concatenated, so the prompt/response boundary is exact and a prompt encodes exactly as it will
 when the finetuned model is prompted with it. Every response is followed by the end-of-text
@@ -78,8 +78,8 @@ class PromptTemplate:
             used = {field for _, field, _, _ in string.Formatter().parse(text) if field is not None}
             if used - permitted:
                 raise ValueError(
-                    f"data.template.{name} uses {sorted(used - permitted)}; it may use only "
-                    f"{', '.join('{' + p + '}' for p in sorted(permitted))}"
+                    f"finetune_data.template.{name} uses {sorted(used - permitted)}; it may use "
+                    f"only {', '.join('{' + p + '}' for p in sorted(permitted))}"
                 )
 
 
@@ -250,7 +250,7 @@ class SFTDataModule(ExampleDataModule):
 
 class LitSFT(LitFinetune):
     """LitGPT on prompt/response batches. Prompt and padding targets are IGNORE_INDEX, so only
-    response tokens add loss. Packed batches (data.loader.packing) carry a third tensor, the
+    response tokens add loss. Packed batches (finetune_data.loader.packing) carry a third tensor, the
     segment ids, which the model is given.
 
     The training loss of an optimizer step is the mean over all its response tokens, on every

@@ -43,7 +43,7 @@ def plain(node: DictConfig | None) -> dict[str, Any]:
 def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
     """The pretraining stream (GPTDataModule), or a finetuning run's examples."""
     if cfg.get("finetune") is not None:
-        return instantiate(cfg.data.loader)
+        return instantiate(cfg.finetune_data.loader)
     return instantiate(cfg.data.loader, allow_data_change=cfg.resume.allow_data_change)
 
 
@@ -124,7 +124,7 @@ def build_finetune_module(
     module_class, data_class = finetune_task(config.task)
     if not isinstance(datamodule, data_class):
         raise TypeError(
-            f"finetune.task={config.task!r} needs a {data_class.__name__} as data.loader, "
+            f"finetune.task={config.task!r} needs a {data_class.__name__} as finetune_data.loader, "
             f"got {type(datamodule).__name__}"
         )
     task_args = datamodule.module_arguments()  # e.g. a classifier's labels
