@@ -250,8 +250,8 @@ class SFTDataModule(ExampleDataModule):
 
 class LitSFT(LitFinetune):
     """LitGPT on prompt/response batches. Prompt and padding targets are IGNORE_INDEX, so only
-    response tokens add loss. Packed batches (finetune_data.loader.packing) carry a third tensor, the
-    segment ids, which the model is given.
+    response tokens add loss. Packed batches (finetune_data.loader.packing) carry a third tensor,
+    the segment ids, which the model is given.
 
     The training loss of an optimizer step is the mean over all its response tokens, on every
     rank and in every accumulated micro-batch, as loss/val is over the validation set: a
