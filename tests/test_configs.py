@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gptlab.training.finetune import FinetuneConfig
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf, open_dict
@@ -21,6 +20,7 @@ from omegaconf import OmegaConf, open_dict
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.overrides import new_override, override_error
 from gptlab.config_schema import ModelSchema, TrainSchema, register_schemas
+from gptlab.finetune.base import FinetuneConfig
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingConfig
 from gptlab.training.optim import OptimizerConfig, SchedulerConfig
