@@ -60,7 +60,7 @@ def in_loop_share(data_dir: str, steps: int, every: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         overrides = [
-            f"data.dir={data_dir}",
+            f"corpus.dir={data_dir}",
             "callbacks=eval_tasks",
             f"callbacks.eval_tasks.every_n_steps={every}",
             f"trainer.max_steps={steps}",

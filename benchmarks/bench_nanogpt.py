@@ -43,7 +43,7 @@ import torch
 from tokenizers import Tokenizer
 
 from gptlab.data.shards import read_shard
-from gptlab.training.callbacks import cpu_name
+from gptlab.training.callbacks.throughput import cpu_name
 
 MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
 BATCH = 16
@@ -60,7 +60,7 @@ def prepare_data(work: Path, nanogpt: Path) -> Path:
     if not (data_dir / "manifest.json").exists():
         script = Path(sys.executable).with_name("gptlab-prepare")
         subprocess.run(
-            [str(script), "tokenizer=char", f"data.dir={data_dir}"], check=True, cwd=work
+            [str(script), "tokenizer=char", f"corpus.dir={data_dir}"], check=True, cwd=work
         )
     nano_dir = work / "data" / DATASET
     nano_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +106,7 @@ def gptlab_command(steps: int, work: Path, data_dir: Path) -> list[str]:
         *(f"model.{k}={v}" for k, v in MODEL.items()),
         "model.bias=false",
         "model.dropout=0.0",
-        f"data.dir={data_dir}",
+        f"corpus.dir={data_dir}",
         f"data.loader.batch_size={BATCH}",
         "data.loader.val_windows=32",
         f"trainer.max_steps={steps}",

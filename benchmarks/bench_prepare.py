@@ -4,7 +4,7 @@ For each corpus size (generated here: text files of blank-line separated paragra
 Zipf-distributed pseudo-words, a few KB each, like web documents) and each `num_proc`:
   (a) raw: `tokenizers`' ``encode_batch_fast`` on the same paragraphs, read file by file,
       with as many threads as (b) has worker processes; nothing is written;
-  (b) prepare: ``gptlab-prepare data=text_files data.document_split=paragraph`` with a given
+  (b) prepare: ``gptlab-prepare corpus=text_files corpus.document_split=paragraph`` with a given
       tokenizer (trained once, before timing), writing shards and manifest.
 Each run is a fresh process; the table gives MB/s of text, the ratio (b)/(a), and the peak
 resident memory of (b): of its largest process (getrusage of the children) and of the whole
@@ -69,10 +69,10 @@ def prepare_command(pattern: str, out: Path, hydra_dir: Path, *overrides: str) -
         sys.executable,
         "-c",
         "from gptlab.cli.prepare import main; main()",
-        "data=text_files",
-        f"data.paths=[{pattern}]",
-        "data.document_split=paragraph",
-        f"data.dir={out}",
+        "corpus=text_files",
+        f"corpus.paths=[{pattern}]",
+        "corpus.document_split=paragraph",
+        f"corpus.dir={out}",
         f"hydra.run.dir={hydra_dir}",
         *overrides,
     ]
@@ -185,7 +185,7 @@ def _compare(work: Path, pattern: str, megabytes: float, num_proc: int, tokenize
         env["TOKENIZERS_PARALLELISM"] = "false"
     raw = measure([sys.executable, __file__, "--raw", pattern, tokenizer], env)
     out = work / f"prepared_{num_proc}"
-    command = prepare_command(pattern, out, work / "hydra", f"data.num_proc={num_proc}")
+    command = prepare_command(pattern, out, work / "hydra", f"corpus.num_proc={num_proc}")
     prepare = measure([*command, f"tokenizer.path={tokenizer}", "force=true"], env)
     return {"mb": megabytes, "num_proc": num_proc, "raw": raw, "prepare": prepare}
 

@@ -47,10 +47,11 @@ from omegaconf import DictConfig, open_dict
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.prepare import prepare
-from gptlab.cli.train import build_model, train
+from gptlab.cli.train import train
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT
-from gptlab.training.callbacks import cpu_name, measure_matmul_flops, precision_dtype
+from gptlab.training.build import build_module
+from gptlab.training.callbacks.throughput import cpu_name, measure_matmul_flops, precision_dtype
 from gptlab.training.lit_gpt import next_token_loss
 from gptlab.training.optim import build_optimizer, build_scheduler
 
@@ -93,7 +94,7 @@ def compose_train_config(
         f"trainer.val_check_interval={steps + 1}",  # no validation inside the timed steps
         "trainer.enable_progress_bar=false",
         f"compile={str(args.compile).lower()}",
-        f"data.dir={args.data_dir}",
+        f"corpus.dir={args.data_dir}",
         f"data.loader.batch_size={shape.batch_size}",
         f"model.n_layer={shape.n_layer}",
         f"model.n_embd={shape.n_embd}",
@@ -115,7 +116,7 @@ def ensure_data(data_dir: Path) -> None:
     if (data_dir / "manifest.json").exists():
         return
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="prepare", overrides=[f"data.dir={data_dir}"])
+        cfg = compose(config_name="prepare", overrides=[f"corpus.dir={data_dir}"])
     prepare(cfg)
 
 
@@ -164,7 +165,7 @@ def plain_loop(cfg: DictConfig, device: torch.device) -> list[float]:
     """(a): the same model, data, optimizer, schedule, clipping and precision, by hand."""
     L.seed_everything(cfg.seed, verbose=False)
     data: GPTDataModule = instantiate(cfg.data.loader)
-    lit = build_model(cfg, data)  # the same validated GPT and optimizer configs as (b)
+    lit = build_module(cfg, data)  # the same validated GPT and optimizer configs as (b)
     model = lit.model.to(device)
     if cfg.compile:
         model.compile()
@@ -235,7 +236,7 @@ def compare_paths(args, name: str, peak: float, device: torch.device) -> dict[st
         )
     with run_dir() as out:
         cfg = compose_train_config(args, shape, steps, out)
-        flops = build_model(cfg, instantiate(cfg.data.loader)).model.flops_per_token()
+        flops = build_module(cfg, instantiate(cfg.data.loader)).model.flops_per_token()
     tokens = shape.batch_size * shape.block_size
     return {
         "shape": name,
@@ -437,7 +438,7 @@ def extras(args, results: list[dict], device: torch.device) -> list[str]:
             rate = loader_tokens_per_sec(cfg, workers)
             rates = [f"{rate:,.0f}", f"{consumed:,.0f}", f"{rate / consumed:,.0f}x"]
             loader_rows.append([r["shape"], str(workers), *rates])
-        model = build_model(cfg, instantiate(cfg.data.loader)).model.to(device)
+        model = build_module(cfg, instantiate(cfg.data.loader)).model.to(device)
         # Learned positions end the context at block_size, and with it the cache: stay inside.
         new_tokens = min(args.gen_tokens, model.config.block_size - 1)
         cached, uncached = (

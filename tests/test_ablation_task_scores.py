@@ -22,10 +22,14 @@ from gptlab.model import GPT, GPTConfig
 from tests.conftest import write_checkpoint
 
 
-def test_spearman_of_hand_orderings():
-    assert spearman(["a", "b", "c"], ["a", "b", "c"]) == 1
-    assert spearman(["a", "b", "c"], ["c", "b", "a"]) == -1
-    assert spearman(["a", "b", "c", "d"], ["b", "a", "c", "d"]) == pytest.approx(1 - 6 * 2 / 60)
+def test_spearman_of_hand_rankings():
+    assert spearman([1.0, 2.0, 3.0], [10.0, 20.0, 30.0]) == pytest.approx(1)
+    assert spearman([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) == pytest.approx(-1)
+    # No ties: 1 - 6 sum(d^2) / (n (n^2 - 1)) with one swapped pair, d^2 = 1 + 1.
+    assert spearman([1.0, 2.0, 3.0, 4.0], [2.0, 1.0, 3.0, 4.0]) == pytest.approx(1 - 6 * 2 / 60)
+    # Ties share ranks: y ranks (1.5, 1.5, 3); Pearson of (1, 2, 3) and (1.5, 1.5, 3) = sqrt(3)/2.
+    assert spearman([1.0, 2.0, 3.0], [0.0, 0.0, 5.0]) == pytest.approx(math.sqrt(3) / 2)
+    assert math.isnan(spearman([1.0, 2.0, 3.0], [0.0, 0.0, 0.0]))  # all tied: no ranking
 
 
 def test_neighbours_are_called_resolved_only_beyond_two_standard_errors():
@@ -36,6 +40,8 @@ def test_neighbours_are_called_resolved_only_beyond_two_standard_errors():
     assert ranking_line([c, a, b], LOSS, higher_is_better=False) == "a > b ~ c"
     single = Variant("d", {LOSS: [0.5]})  # one seed: no sd, never resolved
     assert within_noise(single, a, LOSS)
+    zeros = [Variant(name, {LOSS: [0.0, 0.0, 0.0]}) for name in ("e", "f")]
+    assert within_noise(*zeros, LOSS)  # equal means with no spread are a tie, not resolved
 
 
 def test_a_sweep_is_scored_per_variant_and_seed(tiny_data_dir, tmp_path):

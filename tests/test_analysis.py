@@ -1,8 +1,10 @@
 """The ablation analysis: sweep folders read back into tables and plots with the right numbers,
-and the length-generalisation evaluation."""
+and the length-generalisation evaluation; the statistics of gptlab.analysis (Welch's test, its
+intervals, the optimum over a grid) against scipy, numpy and hand computations."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,23 @@ from experiments.ablations.length_generalisation import (
     length_table,
     loss_by_position,
 )
+from experiments.ablations.welch_tests import claimed_differences
 from gptlab.analysis import (
+    GridOptimum,
     compare_seeds,
+    comparison_table,
     count_params,
     find_sweep,
+    grid_optimum,
+    group_runs,
+    load_runs,
     load_sweep,
+    lowest_vertex,
+    mean_std_text,
     read_scalars,
     student_t_cdf,
+    student_t_quantile,
+    welch,
 )
 from gptlab.data.datamodule import GPTDataModule
 from gptlab.model import GPT, GPTConfig
@@ -44,7 +56,7 @@ def write_job(
     (job / ".hydra" / "overrides.yaml").write_text(
         f"- model/position={position}\n- seed={seed}\n- experiment=position_ablation\n"
     )
-    (job / ".hydra" / "config.yaml").write_text(f"data:\n  dir: {data_dir}\n")
+    (job / ".hydra" / "config.yaml").write_text(f"data:\n  loader:\n    data_dir: {data_dir}\n")
     writer = SummaryWriter(str(job / "tensorboard"))
     for i, loss in enumerate(val_losses):
         writer.add_scalar("loss/val", loss, 10 * (i + 1))
@@ -84,8 +96,11 @@ def test_table_and_plot_of_a_sweep(tmp_path):
     assert rope.params == count_params(GPTConfig(**TINY, position="rope"))
     assert learned.params == rope.params + TINY["block_size"] * TINY["n_embd"]
     table = (tmp_path / "out" / "position_ablation.md").read_text()
-    assert "| rope | 11,504 | 3.100 ± 0.141 (n=2) | +0.000 | 1,500 ± 707 | 1.50 | 0.300 |" in table
-    assert "| learned | 11,760 | 4.000 ± 0.000 (n=2) | +0.900 |" in table
+    rope_row = "| rope | 11,504 | 3.100 ± 0.141 (n=2) | +0.000 | – | 1,500 ± 707 | 1.50 | 0.300 |"
+    assert rope_row in table
+    # Welch by hand: se = 0.1 (0.141 / sqrt 2, and 0), t = 9 with df = 1: P(|T| > 9) for the
+    # Cauchy distribution = 1 - 2 atan(9) / pi = 0.0704.
+    assert "| learned | 11,760 | 4.000 ± 0.000 (n=2) | +0.900 | 0.07 |" in table
     assert (tmp_path / "out" / "position_ablation.png").stat().st_size > 10_000
 
 
@@ -160,3 +175,111 @@ def test_welch_test_against_scipy():
     assert "within seed noise" in compare_seeds([4.0, 4.3], [4.1, 4.2]).describe()
     with pytest.raises(ValueError, match=">= 2 runs a side"):
         compare_seeds([4.0], [4.1, 4.2])
+
+
+def test_welch_from_summary_statistics_matches_the_raw_values_and_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    a, b = [4.0, 4.1, 3.95], [4.2, 4.25, 4.3, 4.18]
+    from_values = compare_seeds(a, b)
+    from_summary = welch(
+        from_values.mean_a, from_values.sd_a, 3, from_values.mean_b, from_values.sd_b, 4
+    )
+    assert from_summary == from_values
+    reference = stats.ttest_ind(a, b, equal_var=False)
+    assert from_values.p_two_sided == pytest.approx(reference.pvalue, rel=1e-9)
+    for level in (0.95, 0.9):
+        interval = reference.confidence_interval(level)
+        assert from_values.interval(level) == pytest.approx((interval.low, interval.high))
+
+
+def test_student_t_quantile_matches_printed_tables():
+    assert student_t_quantile(0.975, 10) == pytest.approx(2.228, abs=1e-3)
+    assert student_t_quantile(0.95, 3) == pytest.approx(2.353, abs=1e-3)
+    assert student_t_quantile(0.025, 1) == pytest.approx(-12.706, abs=1e-3)
+    with pytest.raises(ValueError, match="0 < p < 1"):
+        student_t_quantile(1.0, 3)
+
+
+def test_comparison_table_by_hand():
+    # a = [1, 3]: mean 2, sd sqrt(2); b = [0, 0, 0]: sd 0. So se = 1, t = 2 and df = 1, where
+    # Student's t is the Cauchy distribution: P(|T| > 2) = 1 - 2 atan(2) / pi = 0.2952, and the
+    # 95% interval is 2 +- 12.706 (the printed table's t for df = 1).
+    table = comparison_table({"x vs y": compare_seeds([1.0, 3.0], [0.0, 0.0, 0.0])})
+    row = table.splitlines()[2]
+    assert row.startswith("| x vs y | 2.000 ± 1.414 (n=2) | 0.000 ± 0.000 (n=3) | +2.000 |")
+    assert "[-10.706, +14.706]" in row and "| 2.00 (1.0) | 0.295 |" in row
+
+
+def test_mean_std_text():
+    assert mean_std_text([3.0, 3.2]) == "3.100 ± 0.141 (n=2)"
+    assert mean_std_text([1.0, 2.0, 3.0], digits=1) == "2.0 ± 1.0 (n=3)"
+
+
+def test_grid_optimum_finds_the_vertex_of_a_parabola():
+    grid = [-2.0, -1.0, 0.0, 1.0, 2.0]
+    values = [[(x - 0.3) ** 2 + 4.0] * 3 for x in grid]  # no seed noise: a zero-width interval
+    optimum = grid_optimum(grid, values)
+    assert optimum == GridOptimum(best=0.0, fitted=pytest.approx(0.3), low=pytest.approx(0.3),
+                                  high=pytest.approx(0.3), at_edge=False)  # fmt: skip
+
+
+def test_grid_optimum_fits_the_three_points_around_the_minimum_like_polyfit():
+    np = pytest.importorskip("numpy")
+    grid = [0.0, 1.0, 2.5, 3.0, 5.0]  # uneven spacing, a skewed curve
+    means = [5.0, 4.2, 4.0, 4.3, 6.0]
+    a, b, _ = np.polyfit(grid[1:4], means[1:4], 2)
+    assert lowest_vertex(grid, means) == pytest.approx(-b / (2 * a))
+
+
+def test_grid_optimum_at_an_edge_and_its_interval_over_noisy_seeds():
+    grid = [-3.0, -2.0, -1.0]
+    falling = grid_optimum(grid, [[5.0, 5.1], [4.5, 4.6], [4.0, 4.1]])
+    assert falling.at_edge and falling.best == falling.fitted == -1.0
+    noisy = [[4.3, 4.5, 4.4], [4.0, 4.2, 4.05], [4.1, 4.0, 4.3]]
+    optimum = grid_optimum(grid, noisy, resamples=500)
+    assert -3.0 <= optimum.low < optimum.fitted < optimum.high <= -1.0
+    assert grid_optimum(grid, noisy, resamples=500) == optimum  # seeded: the same every time
+    assert grid_optimum([1.0, 2.0], [[4.1], [4.0]]).at_edge  # too few points to fit
+    with pytest.raises(ValueError, match="increasing grid"):
+        grid_optimum([0.0, 2.0, 1.0], noisy)
+
+
+def write_run(folder: Path, overrides: list[str], results: dict | None, error: str | None = None):
+    """A run folder as gptlab-train leaves it, without events: overrides, and results.json or
+    error.txt if it finished or failed."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is not None:
+        (folder / "results.json").write_text(json.dumps(results))
+    if error is not None:
+        (folder / "error.txt").write_text(error + "\n")
+
+
+def test_load_runs_reads_sweep_jobs_and_single_runs_at_any_depth(tmp_path):
+    write_run(tmp_path / "a" / "2026-01-01" / "0", ["lr=0.1", "seed=1"], {"val_loss": 4.0})
+    write_run(tmp_path / "a" / "2026-01-01" / "1", ["lr=0.1", "seed=2"], None, "diverged")
+    write_run(tmp_path / "b" / "single", ["lr=0.2", "seed=1"], {"val_loss": 3.5})
+    write_run(tmp_path / "b" / "killed", ["lr=0.2", "seed=2"], None)
+    runs = load_runs(tmp_path)
+    assert [r.path.relative_to(tmp_path).as_posix() for r in runs] == [
+        "a/2026-01-01/0", "a/2026-01-01/1", "b/killed", "b/single",
+    ]  # fmt: skip
+    assert [r.results and r.results["val_loss"] for r in runs] == [4.0, None, None, 3.5]
+    assert [r.error for r in runs] == [None, "diverged", None, None]
+    groups = group_runs(runs, ["lr"])
+    assert {k: [r.overrides["seed"] for r in v] for k, v in groups.items()} == {
+        ("0.1",): ["1", "2"],
+        ("0.2",): ["2", "1"],
+    }
+    assert load_runs(tmp_path / "missing") == []
+
+
+def test_the_ablation_claims_are_tested_from_the_shipped_tables():
+    comparisons = claimed_differences()
+    # rope 5.618 ± 0.026 vs learned 5.943 ± 0.074, 3 seeds each, by hand:
+    # se = sqrt(0.026^2 / 3 + 0.074^2 / 3) = 0.04529, t = -0.325 / se = -7.18.
+    rope = comparisons["position: rope vs learned"]
+    assert (rope.n_a, rope.n_b) == (3, 3)
+    assert rope.t == pytest.approx(-7.177, abs=1e-3)
+    alibi = comparisons["beyond − late: alibi vs none"]  # a table without "(n=...)"
+    assert (alibi.mean_a, alibi.sd_b, alibi.n_b) == (0.011, 0.009, 3)

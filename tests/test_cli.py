@@ -30,7 +30,7 @@ def test_prepare_train_generate_from_the_command_line(tmp_path):
     corpus.mkdir()
     for i, text in enumerate(small_english_documents(60)):
         (corpus / f"doc{i:03d}.txt").write_text(text, encoding="utf-8")
-    data = ["data=text_files", f"data.paths=[{corpus}/*.txt]", "tokenizer.vocab_size=400"]
+    data = ["corpus=text_files", f"corpus.paths=[{corpus}/*.txt]", "tokenizer.vocab_size=400"]
 
     out = run_script("gptlab-prepare", *data, cwd=tmp_path)
     assert "unigram entropy" in out
@@ -84,7 +84,7 @@ def test_train_console_shows_no_lightning_notices(tiny_data_dir, tmp_path):
     script = Path(sys.executable).with_name("gptlab-train")
     args = [
         *TINY_MODEL,
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "debug=fast_dev_run",
         "callbacks.samples=null",
     ]

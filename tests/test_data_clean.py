@@ -34,13 +34,13 @@ def test_splits_do_not_depend_on_how_the_text_is_read(block):
 
 
 def test_document_split_settings_are_checked():
-    with pytest.raises(ValueError, match=r"unknown data.document_split 'page'; choose one of"):
+    with pytest.raises(ValueError, match=r"unknown corpus.document_split 'page'; choose one of"):
         DocumentSplit("page")
-    with pytest.raises(ValueError, match="needs data.document_regex"):
+    with pytest.raises(ValueError, match="needs corpus.document_regex"):
         DocumentSplit("regex")
-    with pytest.raises(ValueError, match=r"data.document_regex '\(' is invalid"):
+    with pytest.raises(ValueError, match=r"corpus.document_regex '\(' is invalid"):
         DocumentSplit("regex", regex="(")
-    with pytest.raises(ValueError, match="data.chunk_chars must be >= 1"):
+    with pytest.raises(ValueError, match="corpus.chunk_chars must be >= 1"):
         DocumentSplit("chunk", chunk_chars=0)
 
 

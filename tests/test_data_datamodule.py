@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from gptlab.data.datamodule import GPTDataModule, TrainBatches, ValBatches, sample_windows
-from gptlab.data.errors import DataError
 from gptlab.data.prepare import prepare_dataset
-from gptlab.data.shards import ShardError, read_shard
+from gptlab.data.shards import read_shard
+from gptlab.errors import DataError, ShardError
 
 BLOCK = 16
 WORDS = ["the", "a", "model", "token", "data", "loss", "batch", "learns", "next", "word", "shard"]

@@ -6,10 +6,10 @@ import random
 import numpy as np
 import pytest
 
-from gptlab.data.errors import DataError
 from gptlab.data.prepare import load_manifest, prepare_dataset
 from gptlab.data.shards import read_header, read_shard
 from gptlab.data.tokenizer import EOT_TOKEN, file_sha256, load_tokenizer
+from gptlab.errors import DataError
 
 WORDS = ["the", "a", "model", "token", "data", "loss", "batch", "learns", "next", "word", "shard"]
 

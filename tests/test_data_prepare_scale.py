@@ -36,12 +36,12 @@ def cli_config(tmp_path, pattern, *overrides):
     return compose_config(
         "prepare",
         [
-            "data=text_files",
-            f"data.paths=[{pattern}]",
-            "data.document_split=paragraph",
-            "data.val_fraction=0.1",
-            "data.shard_tokens=2000",
-            "data.num_proc=1",
+            "corpus=text_files",
+            f"corpus.paths=[{pattern}]",
+            "corpus.document_split=paragraph",
+            "corpus.val_fraction=0.1",
+            "corpus.shard_tokens=2000",
+            "corpus.num_proc=1",
             "tokenizer.vocab_size=300",
             f"paths.data_dir={tmp_path / 'data'}",
             *overrides,
@@ -59,10 +59,12 @@ def test_two_tasks_and_a_merge_give_the_token_streams_of_one_task(tmp_path):
     pattern = write_corpus(tmp_path / "corpus", 120)
     single = prepare_cli(cli_config(tmp_path / "one", pattern))
     for index in range(2):
-        task = cli_config(tmp_path / "two", pattern, "data.num_tasks=2", f"data.task_index={index}")
+        task = cli_config(
+            tmp_path / "two", pattern, "corpus.num_tasks=2", f"corpus.task_index={index}"
+        )
         manifest = prepare_cli(task)
         assert 0 < manifest["splits"]["train"]["documents"] < single["splits"]["train"]["documents"]
-    merged = prepare_cli(cli_config(tmp_path / "two", pattern, "data.num_tasks=2", "merge=true"))
+    merged = prepare_cli(cli_config(tmp_path / "two", pattern, "corpus.num_tasks=2", "merge=true"))
     one_dir, two_dir = Path(single_dir(tmp_path / "one")), Path(single_dir(tmp_path / "two"))
     assert merged == load_manifest(two_dir)
     assert (one_dir / "tokenizer.json").read_bytes() == (two_dir / "tokenizer.json").read_bytes()
@@ -79,12 +81,12 @@ def single_dir(root):
 
 
 def test_a_one_file_corpus_prepares_with_the_defaults(tmp_path, monkeypatch):
-    """`gptlab-prepare data=text_files 'data.paths=[input.txt]'`, as nanoGPT's Shakespeare."""
+    """`gptlab-prepare corpus=text_files 'corpus.paths=[input.txt]'`, as nanoGPT's Shakespeare."""
     text = "\n\n".join(synthetic_documents(400)) + "\n"
     (tmp_path / "input.txt").write_text(text)
     cfg = compose_config(
         "prepare",
-        ["data=text_files", "data.paths=[input.txt]", f"paths.data_dir={tmp_path}/data"],
+        ["corpus=text_files", "corpus.paths=[input.txt]", f"paths.data_dir={tmp_path}/data"],
         tmp_path,
     )
     monkeypatch.chdir(tmp_path)
@@ -107,12 +109,14 @@ def test_tasks_with_nothing_or_no_val_document_merge_all_the_same(tmp_path):
     single = prepare_cli(cli_config(tmp_path / "one", pattern))
     parts = [
         prepare_cli(
-            cli_config(tmp_path / "three", pattern, "data.num_tasks=3", f"data.task_index={i}")
+            cli_config(tmp_path / "three", pattern, "corpus.num_tasks=3", f"corpus.task_index={i}")
         )
         for i in range(3)
     ]
     assert min(part["splits"]["train"]["documents"] for part in parts) == 0
-    merged = prepare_cli(cli_config(tmp_path / "three", pattern, "data.num_tasks=3", "merge=true"))
+    merged = prepare_cli(
+        cli_config(tmp_path / "three", pattern, "corpus.num_tasks=3", "merge=true")
+    )
     for split in ("train", "val"):
         one = stream(single_dir(tmp_path / "one"), single, split)
         assert np.array_equal(one, stream(single_dir(tmp_path / "three"), merged, split))
@@ -120,18 +124,18 @@ def test_tasks_with_nothing_or_no_val_document_merge_all_the_same(tmp_path):
 
 def test_merge_names_a_missing_task(tmp_path):
     pattern = write_corpus(tmp_path / "corpus", 120)
-    prepare_cli(cli_config(tmp_path, pattern, "data.num_tasks=2", "data.task_index=0"))
+    prepare_cli(cli_config(tmp_path, pattern, "corpus.num_tasks=2", "corpus.task_index=0"))
     with pytest.raises(FileNotFoundError, match="task 1 of 2 has not finished"):
-        prepare_cli(cli_config(tmp_path, pattern, "data.num_tasks=2", "merge=true"))
+        prepare_cli(cli_config(tmp_path, pattern, "corpus.num_tasks=2", "merge=true"))
 
 
 @pytest.mark.slow
 def test_shards_are_the_same_for_any_num_proc_and_batch_size(tmp_path):
     pattern = write_corpus(tmp_path / "corpus", 150)
     runs = {
-        "1 process": ["data.num_proc=1"],
-        "2 processes": ["data.num_proc=2", "data.batch_chars=700"],
-        "3 processes, 1 document each": ["data.num_proc=3", "data.batch_chars=1"],
+        "1 process": ["corpus.num_proc=1"],
+        "2 processes": ["corpus.num_proc=2", "corpus.batch_chars=700"],
+        "3 processes, 1 document each": ["corpus.num_proc=3", "corpus.batch_chars=1"],
     }
     outputs = {}
     for name, overrides in runs.items():
@@ -204,12 +208,12 @@ if __name__ == "__main__":
 def test_sigkill_mid_encode_with_workers_then_rerun_is_byte_identical(tmp_path):
     pattern = write_corpus(tmp_path / "corpus", 600)
     overrides = [
-        "data=text_files",
-        f"data.paths=[{pattern}]",
-        "data.document_split=paragraph",
-        "data.shard_tokens=2000",
-        "data.num_proc=2",
-        "data.batch_chars=2000",
+        "corpus=text_files",
+        f"corpus.paths=[{pattern}]",
+        "corpus.document_split=paragraph",
+        "corpus.shard_tokens=2000",
+        "corpus.num_proc=2",
+        "corpus.batch_chars=2000",
         "tokenizer.vocab_size=300",
     ]
     script = tmp_path / "run.py"
@@ -259,7 +263,7 @@ def test_peak_memory_stays_far_below_what_holding_the_corpus_took(tmp_path):
         pattern,
         tmp_path / "out",
         tmp_path / "hydra",
-        "data.num_proc=1",  # everything in one process, which getrusage then measures
+        "corpus.num_proc=1",  # everything in one process, which getrusage then measures
         "tokenizer.train_bytes=3000000",
     )
     peak = measure(command, os.environ | {"PYTHONPATH": str(REPO)})

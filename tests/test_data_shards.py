@@ -6,11 +6,11 @@ import pytest
 from gptlab.data.shards import (
     HEADER_SIZE,
     MAGIC,
-    ShardError,
     read_header,
     read_shard,
     write_shard,
 )
+from gptlab.errors import ShardError
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,7 @@ def test_atomic_write_leaves_no_temp_files_and_keeps_old_on_failure(tmp_path, mo
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("gptlab.data.fileio.os.replace", fail)
+    monkeypatch.setattr("gptlab.fileio.os.replace", fail)
     with pytest.raises(OSError, match="disk full"):
         write_shard(path, [9, 9, 9, 9], vocab_size=10)
     assert [p.name for p in tmp_path.iterdir()] == ["shard.bin"]

@@ -5,13 +5,13 @@ import time
 import pytest
 
 from gptlab.data.clean import clean_document
-from gptlab.data.errors import DataError
 from gptlab.data.sources import (
     builtin_corpus,
     iter_jsonl,
     iter_text_files,
     load_documents,
 )
+from gptlab.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from gptlab.cli.prepare import describe_source, hf_arguments, prepare
-from gptlab.data.errors import DataError
 from gptlab.data.sources import Source, iter_hf_dataset, iter_parquet, load_documents
+from gptlab.errors import DataError
 from tests.conftest import compose_config, small_english_documents
 
 needs_pyarrow = pytest.mark.skipif(
@@ -99,8 +99,8 @@ def test_max_documents_stops_reading(tmp_path):
 
 
 def test_hf_config_without_path_says_what_to_set(tmp_path):
-    cfg = compose_config("prepare", ["data=hf"], tmp_path)
-    with pytest.raises(ValueError, match="data.hf.path is not set"):
+    cfg = compose_config("prepare", ["corpus=hf"], tmp_path)
+    with pytest.raises(ValueError, match="corpus.hf.path is not set"):
         prepare(cfg)
 
 
@@ -134,10 +134,10 @@ def test_prepare_from_a_hf_dataset_with_one_override(tmp_path):
     docs = small_english_documents(30)
     path = write_parquet(tmp_path / "d.parquet", {"text": docs}, row_group_size=10)
     overrides = [
-        "data=hf",
-        "data.hf.path=parquet",
-        f"data.hf.data_files={path}",
-        "data.max_documents=20",
+        "corpus=hf",
+        "corpus.hf.path=parquet",
+        f"corpus.hf.data_files={path}",
+        "corpus.max_documents=20",
         "tokenizer.vocab_size=300",
         f"paths.data_dir={tmp_path / 'data'}",
     ]
@@ -158,9 +158,9 @@ def test_prepare_from_a_hf_dataset_with_one_override(tmp_path):
     ],
 )
 def test_hub_dataset_configs(tmp_path, name, path, config_name):
-    cfg = compose_config("prepare", [f"data={name}"], tmp_path)
-    assert cfg.data.source == "hf" and cfg.data.name == name
-    assert hf_arguments(cfg.data) == {
+    cfg = compose_config("prepare", [f"corpus={name}"], tmp_path)
+    assert cfg.corpus.source == "hf" and cfg.corpus.name == name
+    assert hf_arguments(cfg.corpus) == {
         "path": path,
         "name": config_name,
         "split": "train",
@@ -168,8 +168,8 @@ def test_hub_dataset_configs(tmp_path, name, path, config_name):
         "data_files": None,
         "revision": None,
     }
-    assert cfg.data.dir.endswith(f"{name}-bpe4096")
-    assert describe_source(cfg.data).startswith(f"hf(path={path}")
+    assert cfg.corpus.dir.endswith(f"{name}-bpe4096")
+    assert describe_source(cfg.corpus).startswith(f"hf(path={path}")
 
 
 def test_tasks_split_a_hf_dataset_by_its_files_in_order(tmp_path):

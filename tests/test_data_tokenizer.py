@@ -3,7 +3,6 @@ import re
 import pytest
 from tokenizers import Tokenizer, models
 
-from gptlab.data.errors import DataError
 from gptlab.data.tokenizer import (
     EOT_TOKEN,
     eot_id,
@@ -12,6 +11,7 @@ from gptlab.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from gptlab.errors import DataError
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",

@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gptlab.cli.train import train
 from gptlab.model import GPT, GPTConfig, SDPAttention, record_attention
-from gptlab.training.diagnostics import (
+from gptlab.training.callbacks.diagnostics import (
     AttentionDiagnosticsCallback,
     attention_entropy,
     attention_figure,
@@ -99,7 +99,7 @@ def test_callback_rejects_bad_settings():
 def test_callback_logs_per_layer_scalars_and_maps(tiny_data_dir, tmp_path):
     overrides = [
         *TINY_MODEL,
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=8",
         "callbacks=diagnostics",
         "callbacks.attention_diagnostics.every_n_steps=2",

@@ -49,7 +49,7 @@ def run_train(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, str]:
     }
     args = [
         *TINY_MODEL,
-        f"data.dir={tmp_path / 'data'}",
+        f"corpus.dir={tmp_path / 'data'}",
         f"trainer.max_steps={STEPS}",
         f"trainer.val_check_interval={STEPS}",
         "trainer.log_every_n_steps=1",
@@ -116,7 +116,7 @@ def test_multirun_with_lightning_launched_ddp_is_refused(prepared):
     cwd.mkdir()
     script = Path(sys.executable).with_name("gptlab-train")
     proc = subprocess.run(
-        [str(script), "-m", "trainer=ddp_cpu", *TINY_MODEL, f"data.dir={prepared / 'data'}"],
+        [str(script), "-m", "trainer=ddp_cpu", *TINY_MODEL, f"corpus.dir={prepared / 'data'}"],
         cwd=cwd,
         capture_output=True,
         text=True,

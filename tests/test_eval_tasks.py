@@ -16,10 +16,10 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from gptlab.cli.evaluate import evaluate
 from gptlab.cli.train import train
-from gptlab.data.errors import DataError
 from gptlab.data.prepare import load_manifest
 from gptlab.data.sources import builtin_corpus
 from gptlab.data.tokenizer import train_tokenizer
+from gptlab.errors import DataError
 from gptlab.eval.builtin import (
     docstring_cloze,
     last_word,
@@ -411,7 +411,7 @@ def test_eval_tasks_callback_logs_scalars_and_hparams(tiny_data_dir, tmp_path):
     overrides = [
         *TINY_MODEL,
         "model.block_size=64",  # room for an 80-byte choice
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=8",
         "callbacks=eval_tasks",
         "callbacks.eval_tasks.every_n_steps=2",

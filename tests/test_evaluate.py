@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from gptlab.cli.evaluate import evaluate, score
-from gptlab.data.errors import DataError
 from gptlab.data.prepare import load_manifest
 from gptlab.data.tokenizer import load_tokenizer, train_tokenizer
+from gptlab.errors import DataError
 from gptlab.model import GPT, GPTConfig
 from tests.conftest import compose_config, write_checkpoint
 

@@ -31,7 +31,7 @@ EXTRA_OVERRIDES = {"sft": ["model.block_size=128"]}
 def test_experiment_runs_one_step(experiment, tiny_data_dir, tmp_path):
     overrides = [
         f"experiment={experiment}",
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         *TINY_MODEL,
         *EXTRA_OVERRIDES.get(experiment, []),
         "debug=fast_dev_run",

@@ -16,30 +16,35 @@ import torch
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlab.cli.train import build_model, train
-from gptlab.data.classify import PAD_ID, package_examples
-from gptlab.data.errors import DataError
-from gptlab.data.finetune import IGNORE_INDEX, split_examples
+from gptlab.cli.train import train
 from gptlab.data.prepare import prepare_dataset
-from gptlab.data.sft import PromptTemplate, SFTDataModule, collate, encode, render
 from gptlab.data.sources import builtin_corpus, builtin_docstring_records
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.errors import DataError
+from gptlab.finetune.base import IGNORE_INDEX, split_examples
+from gptlab.finetune.classify import PAD_ID, LitClassifier, package_examples
+from gptlab.finetune.sft import LitSFT, PromptTemplate, SFTDataModule, collate, encode, render
 from gptlab.model import GPT, GPTConfig
+from gptlab.training.build import build_module
+from gptlab.training.callbacks.samples import ResponseSampleCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
-from gptlab.training.finetune import LitClassifier, LitSFT, ResponseSampleCallback
 from gptlab.training.lit_gpt import next_token_loss
-from tests.conftest import TINY_MODEL, compose_config, small_english_documents
+from tests.conftest import (
+    FT_MODEL,
+    QUIET,
+    TINY_GPT,
+    compose_config,
+    finetune_config,
+    small_english_documents,
+)
 
-FT_MODEL = [*TINY_MODEL, "model.block_size=64"]
-QUIET = ["trainer.enable_progress_bar=false", "callbacks.throughput=null"]
 # Two steps with a checkpoint at the end: enough to resume from.
 SHORT_CLASSIFY = [
     "trainer.max_steps=2",
     "trainer.val_check_interval=2",
     "scheduler.warmup_steps=1",
-    "data.loader.batch_size=8",
+    "finetune_data.loader.batch_size=8",
 ]
-TINY_GPT = {"vocab_size": 512, "block_size": 64, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 
 def write_jsonl(path: Path, records: list) -> Path:
@@ -83,7 +88,7 @@ def pretrained_ckpt(tiny_data_dir, tmp_path_factory) -> Path:
     overrides = [
         *FT_MODEL,
         *QUIET,
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=16",
         "trainer.max_steps=40",
         "trainer.val_check_interval=40",
@@ -92,11 +97,6 @@ def pretrained_ckpt(tiny_data_dir, tmp_path_factory) -> Path:
     ]
     train(compose_config("train", overrides, out))
     return out / "checkpoints" / "last.ckpt"
-
-
-def finetune_config(tmp_path: Path, tiny_data_dir: Path, experiment: str, *extra: str):
-    overrides = [*FT_MODEL, *QUIET, f"experiment={experiment}", f"data.dir={tiny_data_dir}"]
-    return compose_config("train", [*overrides, *extra], tmp_path)
 
 
 # ----------------------------------------------------------------------------- SFT data
@@ -237,10 +237,10 @@ def test_init_from_loads_the_weights_and_names_every_differing_field(
     def build(*extra: str):
         cfg = compose_config(
             "train",
-            [*FT_MODEL, f"data.dir={tiny_data_dir}", f"init_from={pretrained_ckpt}", *extra],
+            [*FT_MODEL, f"corpus.dir={tiny_data_dir}", f"init_from={pretrained_ckpt}", *extra],
             tmp_path,
         )
-        return build_model(cfg, instantiate(cfg.data.loader))
+        return build_module(cfg, instantiate(cfg.data.loader))
 
     lit = build("model.dropout=0.1")  # dropout only regularises: it may differ
     expected = load_checkpoint(pretrained_ckpt)["state_dict"]
@@ -256,7 +256,7 @@ def test_init_from_loads_the_weights_and_names_every_differing_field(
     other = tmp_path / "other"
     prepare_dataset(small_english_documents(40), other, vocab_size=400, progress=False)
     with pytest.raises(ValueError, match="tokenizer differs"):
-        build(f"data.dir={other}", "model.vocab_size=512")
+        build(f"corpus.dir={other}", "model.vocab_size=512")
 
 
 # ----------------------------------------------------------------------------- SFT runs
@@ -280,10 +280,11 @@ def sft_config(tmp_path: Path, tiny_data_dir: Path, pretrained_ckpt: Path, *extr
         tiny_data_dir,
         "sft",
         f"init_from={pretrained_ckpt}",
-        "data.source=jsonl",
-        f"data.paths=[{data}]",
-        "data.loader.val_fraction=0.2",
-        "data.loader.tokenizer_path=/nonexistent/tokenizer.json",  # the checkpoint brings one
+        "finetune_data.source=jsonl",
+        f"finetune_data.paths=[{data}]",
+        "finetune_data.loader.val_fraction=0.2",
+        # the checkpoint brings its tokenizer
+        "finetune_data.loader.tokenizer_path=/nonexistent/tokenizer.json",
         "scheduler.warmup_steps=5",
         *extra,
     )
@@ -304,7 +305,11 @@ def test_sft_learns_the_responses_with_the_checkpoints_tokenizer(
     )
     base, tokenizer = load_model(pretrained_ckpt)
     datamodule = SFTDataModule(
-        source="jsonl", paths=list(cfg.data.paths), max_length=64, val_fraction=0.2, seed=cfg.seed
+        source="jsonl",
+        paths=list(cfg.finetune_data.paths),
+        max_length=64,
+        val_fraction=0.2,
+        seed=cfg.seed,
     )
     datamodule.use_tokenizer(tokenizer.to_str())
     before = response_loss(base, datamodule)
@@ -494,12 +499,12 @@ def test_classification_learns_a_keyword_task(pretrained_ckpt, tiny_data_dir, tm
         tiny_data_dir,
         "classify",
         f"init_from={pretrained_ckpt}",
-        "data.source=jsonl",
-        f"data.paths=[{data}]",
-        "data.text_field=sentence",
-        "data.label_field=colour",
-        "data.num_classes=null",
-        "data.loader.batch_size=16",
+        "finetune_data.source=jsonl",
+        f"finetune_data.paths=[{data}]",
+        "finetune_data.text_field=sentence",
+        "finetune_data.label_field=colour",
+        "finetune_data.num_classes=null",
+        "finetune_data.loader.batch_size=16",
         "optimizer.lr=3e-3",
         "scheduler.warmup_steps=5",
         "trainer.max_steps=120",
@@ -526,7 +531,7 @@ def test_experiments_run_from_scratch_with_a_warning(
     tiny_data_dir, tmp_path, caplog, experiment, extra, outputs
 ):
     """Without init_from the built-in tasks still run (e.g. for a config sweep), with a
-    warning; the tokenizer then comes from the prepared dataset in data.dir."""
+    warning; the tokenizer then comes from the prepared dataset in corpus.dir."""
     cfg = finetune_config(tmp_path, tiny_data_dir, experiment, "debug=fast_dev_run", *extra)
     with caplog.at_level(logging.WARNING):
         results = train(cfg)

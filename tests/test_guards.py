@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.training.guards import NonFiniteGuard, TrainingDivergedError
+from gptlab.errors import TrainingDivergedError
+from gptlab.training.callbacks.guards import NonFiniteGuard
 from gptlab.training.lit_gpt import LitGPT
 
 MODEL = {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
@@ -87,7 +88,7 @@ def same(a, b):
 def test_non_finite_steps_are_skipped_and_spikes_reported(tiny_data_dir, caplog):
     guard = NonFiniteGuard(max_consecutive=2, spike_factor=3.0, spike_window=2)
     poison = {"loss_factor": {1: math.nan, 5: 10.0}, "grad_value": {3: math.inf}}
-    with caplog.at_level(logging.WARNING, logger="gptlab.training.guards"):
+    with caplog.at_level(logging.WARNING, logger="gptlab.training.callbacks.guards"):
         model = fit(tiny_data_dir, 7, guard, **poison)
     snaps = model.snapshots
     assert len(snaps) == 7 and guard.skipped == 2 and guard.bad_streak == 0

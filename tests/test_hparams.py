@@ -16,7 +16,7 @@ def hparams_plugin(events, tag):
 def test_final_metrics_and_hyperparameters_reach_the_hparams_dashboard(tiny_data_dir, tmp_path):
     overrides = [
         *TINY_MODEL,
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=8",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",

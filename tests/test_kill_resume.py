@@ -32,7 +32,7 @@ KILL_AFTER = (8, 26)
 def train_args(data_dir: Path, log_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
         *TINY_MODEL,
-        f"data.dir={data_dir}",
+        f"corpus.dir={data_dir}",
         "data.loader.batch_size=8",
         "data.loader.val_windows=8",
         "model.dropout=0.1",

@@ -178,7 +178,7 @@ def test_a_run_too_large_is_refused_with_overrides_that_fit():
 
 
 def test_train_prints_the_estimate_and_estimate_only_exits(tiny_data_dir, tmp_path, caplog):
-    overrides = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "estimate_only=true"]
+    overrides = [*TINY_MODEL, f"corpus.dir={tiny_data_dir}", "estimate_only=true"]
     with caplog.at_level("INFO"):
         results = train(compose_config("train", overrides, tmp_path))
     assert "memory estimate (available RAM" in caplog.text
@@ -188,6 +188,6 @@ def test_train_prints_the_estimate_and_estimate_only_exits(tiny_data_dir, tmp_pa
 
 
 def test_train_refuses_a_run_that_cannot_fit_before_the_first_step(tiny_data_dir, tmp_path):
-    overrides = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "data.loader.batch_size=100000000"]
+    overrides = [*TINY_MODEL, f"corpus.dir={tiny_data_dir}", "data.loader.batch_size=100000000"]
     with pytest.raises(ValueError, match="data.loader.batch_size="):
         train(compose_config("train", overrides, tmp_path))

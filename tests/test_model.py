@@ -339,7 +339,7 @@ def test_flops_per_token_counts_what_a_training_step_computes(variant, finetunin
     # Eager attention: its QK^T and AV are plain matmuls the counter sees.
     model = make(attention="eager", **variant)
     if finetuning:
-        from gptlab.training.finetune import FinetuneConfig, prepare_for_finetuning
+        from gptlab.finetune.base import FinetuneConfig, prepare_for_finetuning
 
         prepare_for_finetuning(model, FinetuneConfig.from_dict(FINETUNING[finetuning]))
     for T in (12, 16):

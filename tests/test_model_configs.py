@@ -77,7 +77,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_each_group_option_is_a_one_value_swap(group, option, base, tmp_path):
     swapped = model_config(tmp_path, f"model/{group}={option}").to_dict()
     values = OmegaConf.to_container(OmegaConf.load(MODEL_DIR / group / f"{option}.yaml"))
-    assert values, f"{group}/{option}.yaml sets nothing"
+    assert list(values) == [group], f"{group}/{option}.yaml must set model.{group} only"
     for key, value in values.items():
         assert swapped[key] == value, f"model/{group}={option} did not set model.{key}"
     untouched = {k for k in base if k not in values and k != "vocab_size"}
@@ -89,12 +89,18 @@ def test_group_swaps_combine_and_values_still_override(tmp_path):
     c = model_config(
         tmp_path,
         "model/position=rope",
-        "model/attention=gqa",
         "model/norm=rmsnorm",
         "model/mlp=swiglu",
         "model.n_kv_heads=1",
+        "model.qk_norm=true",
     )
-    assert (c.position, c.norm, c.mlp, c.n_kv_heads) == ("rope", "rmsnorm", "swiglu", 1)
+    assert (c.position, c.norm, c.mlp, c.n_kv_heads, c.qk_norm) == (
+        "rope",
+        "rmsnorm",
+        "swiglu",
+        1,
+        True,
+    )
 
 
 def test_group_swap_on_a_preset(tmp_path):

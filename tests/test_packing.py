@@ -9,12 +9,19 @@ import pytest
 import torch
 
 from gptlab.cli.train import train
-from gptlab.data.finetune import IGNORE_INDEX
-from gptlab.data.sft import PAD_SEGMENT, SFTDataModule, collate, collate_packed, encode, pack
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.finetune.base import IGNORE_INDEX
+from gptlab.finetune.sft import (
+    PAD_SEGMENT,
+    LitSFT,
+    SFTDataModule,
+    collate,
+    collate_packed,
+    encode,
+    pack,
+)
 from gptlab.model import ATTENTION_BACKENDS, GPT, POSITIONS, GPTConfig, segment_positions
-from gptlab.training.finetune import LitSFT
-from tests.test_finetune import TINY_GPT, finetune_config
+from tests.conftest import TINY_GPT, finetune_config
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, n_kv_heads=2)
 LENGTHS = [5, 3, 7]  # three documents in a row of 16: the last position is padding
@@ -148,7 +155,7 @@ def test_packed_sft_runs_end_to_end(tiny_data_dir, tmp_path):
         "sft",
         "debug=fast_dev_run",
         "model.block_size=128",
-        "data.loader.packing=true",
+        "finetune_data.loader.packing=true",
     )
     results = train(cfg)
     # A freshly initialised model guesses about uniformly over the 512 tokens of tiny_data_dir:

@@ -102,7 +102,7 @@ def test_plan_spends_the_budget_in_whole_steps():
 def sweep_config(tiny_data_dir, tmp_path, *extra: str):
     overrides = [
         "experiment=scaling_law",
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "model.block_size=32",
         "model.n_embd=32",
         "data.loader.val_windows=16",

@@ -56,7 +56,7 @@ def final_weights(checkpoint) -> dict[str, torch.Tensor]:
 def test_a_decay_branched_from_a_stable_checkpoint_equals_a_dedicated_run(tiny_data_dir, tmp_path):
     common = [
         *TINY_MODEL,
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=4",
         "scheduler=wsd",
         "scheduler.warmup_steps=2",

@@ -51,7 +51,7 @@ def test_summary_lists_every_job_and_groups_seeds(tmp_path):
 def test_a_real_sweep_runs_past_a_failed_job_and_prints_its_summary(tiny_data_dir, tmp_path):
     command = [
         sys.executable, "-m", "gptlab.cli.train", "-m", *TINY_MODEL,
-        f"data.dir={tiny_data_dir}", "data.loader.batch_size=4", "trainer.max_steps=4",
+        f"corpus.dir={tiny_data_dir}", "data.loader.batch_size=4", "trainer.max_steps=4",
         "trainer.val_check_interval=2", "scheduler.warmup_steps=1", "callbacks.samples=null",
         "optimizer.lr=1e-3,-1",
     ]  # fmt: skip
@@ -60,6 +60,6 @@ def test_a_real_sweep_runs_past_a_failed_job_and_prints_its_summary(tiny_data_di
     assert out.returncode == 1, out.stderr[-2000:]
     assert "1 of 2 jobs failed" in out.stderr
     assert "| 0 | `optimizer.lr=0.001` |" in out.stdout
-    assert "failed: optimizer.lr=-1 must be > 0" in out.stdout
+    assert "failed: optimizer.lr=-1.0 must be > 0" in out.stdout
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     assert (sweep / "summary.csv").is_file() and (sweep / "0" / "results.json").is_file()

@@ -14,7 +14,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_render_writes_curves_attention_maps_and_samples(tiny_data_dir, tmp_path, monkeypatch):
     overrides = [
         *TINY_MODEL,
-        f"data.dir={tiny_data_dir}",
+        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=8",
         "callbacks=diagnostics",
         "callbacks.attention_diagnostics.prompt_tokens=16",

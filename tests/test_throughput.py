@@ -11,8 +11,12 @@ import pytest
 import torch
 
 from gptlab.model import GPT, GPTConfig
-from gptlab.training import callbacks
-from gptlab.training.callbacks import ThroughputCallback, measured_cpu_peak, precision_dtype
+from gptlab.training.callbacks import throughput
+from gptlab.training.callbacks.throughput import (
+    ThroughputCallback,
+    measured_cpu_peak,
+    precision_dtype,
+)
 
 TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
 
@@ -44,7 +48,7 @@ class Clock:
 def drive(callback: ThroughputCallback, batches: list[torch.Tensor], seconds: float, monkeypatch):
     """Feed `batches` through the callback's hooks, each training batch taking `seconds`."""
     clock = Clock()
-    monkeypatch.setattr(callbacks.time, "perf_counter", clock)
+    monkeypatch.setattr(throughput.time, "perf_counter", clock)
     model = GPT(GPTConfig(**TINY))
     logged: dict[str, float] = {}
     module = SimpleNamespace(
@@ -76,7 +80,7 @@ def test_mfu_uses_each_batch_real_length(monkeypatch):
 def test_mfu_never_reads_above_100_percent(monkeypatch, caplog):
     batches = [torch.zeros(4, 16, dtype=torch.long)] * 6
     callback = ThroughputCallback(window=4, peak_flops_per_device=1.0)  # far too low a peak
-    with caplog.at_level(logging.WARNING, logger="gptlab.training.callbacks"):
+    with caplog.at_level(logging.WARNING, logger="gptlab.training.callbacks.throughput"):
         drive(callback, batches, seconds=0.5, monkeypatch=monkeypatch)
     assert callback.summary["mfu"] == pytest.approx(1.0)
     warnings = [r.getMessage() for r in caplog.records if "above the measured peak" in r.message]
@@ -86,21 +90,22 @@ def test_mfu_never_reads_above_100_percent(monkeypatch, caplog):
 def test_cpu_peak_is_measured_once_per_machine_and_only_ever_raised(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_CACHE_DIR", str(tmp_path))
     measurements = iter([5e10, 4e10, 7e10])
-    monkeypatch.setattr(callbacks, "measure_matmul_flops", lambda device, dtype: next(measurements))
+    measure = lambda device, dtype: next(measurements)  # noqa: E731
+    monkeypatch.setattr(throughput, "measure_matmul_flops", measure)
     assert measured_cpu_peak(torch.float32) == 5e10
     assert measured_cpu_peak(torch.float32) == 5e10  # cached: no second measurement
     assert measured_cpu_peak(torch.float32, remeasure=True) == 5e10  # a lower one is noise
     assert measured_cpu_peak(torch.float32, remeasure=True) == 7e10
-    cached = json.loads((tmp_path / callbacks.PEAK_FILE).read_text())
+    cached = json.loads((tmp_path / throughput.PEAK_FILE).read_text())
     assert list(cached.values()) == [7e10]
     assert f"{torch.get_num_threads()} threads" in next(iter(cached))
 
 
 def test_too_low_a_measured_cpu_peak_is_measured_again(tmp_path, monkeypatch):
     monkeypatch.setenv("GPTLAB_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(callbacks, "measure_matmul_flops", lambda device, dtype: 1e15)
-    (tmp_path / callbacks.PEAK_FILE).write_text(
-        json.dumps({callbacks._peak_key(torch.float32): 1.0})  # measured on a busy machine
+    monkeypatch.setattr(throughput, "measure_matmul_flops", lambda device, dtype: 1e15)
+    (tmp_path / throughput.PEAK_FILE).write_text(
+        json.dumps({throughput._peak_key(torch.float32): 1.0})  # measured on a busy machine
     )
     callback = ThroughputCallback(window=4)
     module = SimpleNamespace(device=torch.device("cpu"))

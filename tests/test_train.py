@@ -11,16 +11,13 @@ import torch
 from hydra.errors import ConfigCompositionException
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gptlab.cli.train import plain, train, validation_line
-from gptlab.training.callbacks import SampleGenerationCallback
+from gptlab.cli.train import train, validation_line
+from gptlab.config import dataclass_from_dict
+from gptlab.training.build import plain
+from gptlab.training.callbacks.samples import SampleGenerationCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
-from gptlab.training.optim import SchedulerConfig, dataclass_from_dict, lr_factor
-from tests.conftest import TINY_MODEL, compose_config
-
-
-def tiny_run(tiny_data_dir, tmp_path, *extra: str):
-    overrides = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "data.loader.batch_size=16", *extra]
-    return compose_config("train", overrides, tmp_path)
+from gptlab.training.optim import SchedulerConfig, lr_factor
+from tests.conftest import tiny_run
 
 
 def test_fast_dev_run_through_hydra(tiny_data_dir, tmp_path):
@@ -108,13 +105,13 @@ def test_lr_schedule_warms_up_then_decays_to_floor():
 def test_samples_are_generated_once_per_step_under_gradient_accumulation():
     callback = SampleGenerationCallback(prompts=["The"], every_n_steps=2)
     generated_at = []
-    log_samples = callback.log_samples
+    sample = callback.on_scheduled_step
 
     def counting(trainer, pl_module):
         generated_at.append(trainer.global_step)
-        log_samples(trainer, pl_module)
+        sample(trainer, pl_module)
 
-    callback.log_samples = counting
+    callback.on_scheduled_step = counting
     no_tokenizer = SimpleNamespace(tokenizer_json=None)  # generation itself is skipped
     for step in (1, 1, 2, 2, 3, 3, 4, 4):  # two micro-batches per optimizer step
         callback.on_train_batch_end(SimpleNamespace(global_step=step), no_tokenizer, None, None, 0)

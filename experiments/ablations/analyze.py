@@ -21,6 +21,7 @@ from gptlab.analysis import (
     find_sweep,
     load_sweep,
     mean_std,
+    welch,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -85,9 +86,9 @@ def summarize_variant(name: str, jobs: list[SweepJob]) -> VariantSummary:
 def markdown_table(summaries: list[VariantSummary]) -> str:
     base = summaries[0]
     lines = [
-        f"| variant | parameters | final val loss (mean ± std) | Δ vs {base.name} | tokens/s "
-        "| attention entropy (nats) | first-token share |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| variant | parameters | final val loss (mean ± std) | Δ vs {base.name} "
+        f"| Welch p vs {base.name} | tokens/s | attention entropy (nats) | first-token share |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in summaries:
         (loss, loss_std), (tps, tps_std) = s.val_loss, s.tokens_per_sec
@@ -95,9 +96,17 @@ def markdown_table(summaries: list[VariantSummary]) -> str:
         sink = "–" if s.sink is None else f"{s.sink:.3f}"
         lines.append(
             f"| {s.name} | {s.params:,} | {loss:.3f} ± {loss_std:.3f} (n={s.seeds}) "
-            f"| {loss - base.val_loss[0]:+.3f} | {tps:,.0f} ± {tps_std:,.0f} | {entropy} | {sink} |"
+            f"| {loss - base.val_loss[0]:+.3f} | {p_vs_base(s, base)} "
+            f"| {tps:,.0f} ± {tps_std:,.0f} | {entropy} | {sink} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def p_vs_base(s: VariantSummary, base: VariantSummary) -> str:
+    """The two-sided Welch p of the variant's difference from the base, over seeds."""
+    if s is base or min(s.seeds, base.seeds) < 2:
+        return "–"
+    return f"{welch(*s.val_loss, s.seeds, *base.val_loss, base.seeds).p_two_sided:.2g}"
 
 
 def plot_curves(summaries: list[VariantSummary], path: Path, title: str) -> None:

@@ -48,7 +48,7 @@ def evaluate_job(job: SweepJob, factor: int, batch_size: int = 16) -> Tensor | s
     limit = model.position.max_len
     if limit is not None and length > limit:
         return f"n/a: the {model.config.position} table has {limit} positions"
-    data = GPTDataModule(job.config.data.dir, block_size=length, batch_size=batch_size)
+    data = GPTDataModule(job.config.data.loader.data_dir, block_size=length, batch_size=batch_size)
     return loss_by_position(model, data.val_dataloader())
 
 

@@ -16,6 +16,7 @@ Writes results/<task>_tasks.md.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,17 +73,33 @@ def within_noise(a: Variant, b: Variant, column: str) -> bool:
     """Whether the means differ by less than 2 standard errors of their difference."""
     (mean_a, sd_a), (mean_b, sd_b) = a.mean_sd(column), b.mean_sd(column)
     se = math.sqrt(sd_a**2 / len(a.values[column]) + sd_b**2 / len(b.values[column]))
-    return not abs(mean_a - mean_b) >= 2 * se  # a nan sd (one seed) counts as noise
+    return not abs(mean_a - mean_b) > 2 * se  # equal means, or a nan sd (one seed): noise
 
 
-def spearman(first: list[str], second: list[str]) -> float:
-    """Spearman's rank correlation of two orderings of the same names (no ties)."""
-    n = len(first)
-    if n < 2:
-        return math.nan
-    where = {name: i for i, name in enumerate(second)}
-    d2 = sum((i - where[name]) ** 2 for i, name in enumerate(first))
-    return 1 - 6 * d2 / (n * (n**2 - 1))
+def average_ranks(values: list[float]) -> list[float]:
+    """1-based ranks of `values`, ties sharing the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and values[order[end + 1]] == values[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        start = end + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation: Pearson's correlation of the average ranks, so that tied
+    values (e.g. several variants at accuracy 0) count as ties; nan when either side is all
+    tied."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    mx, my = statistics.fmean(rx), statistics.fmean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / math.sqrt(sxx * syy) if sxx and syy else math.nan
 
 
 def ranking_line(variants: list[Variant], column: str, higher_is_better: bool) -> str:
@@ -107,12 +124,13 @@ def report(task: str, sweep_dir: Path, variants: list[Variant]) -> str:
     for v in variants:
         cells = [f"{m:.4f} ± {s:.4f}" for m, s in (v.mean_sd(c) for c in columns)]
         lines.append(f"| {v.name} | " + " | ".join(cells) + " |")
-    loss_order = [v.name for v in ranking(variants, LOSS, False)]
+    # Badness: lower is better on both sides, so rho = +1 when a metric ranks as the loss does.
+    loss_badness = [v.mean_sd(LOSS)[0] for v in variants]
     lines += ["", "Rankings, best first ('~': within noise of the next, '>': resolved):", ""]
     lines.append(f"- {LOSS}: {ranking_line(variants, LOSS, False)}")
     for column, _, _, higher in METRICS:
-        order = [v.name for v in ranking(variants, column, higher)]
-        rho = spearman(loss_order, order)
+        badness = [(-1 if higher else 1) * v.mean_sd(column)[0] for v in variants]
+        rho = spearman(loss_badness, badness)
         lines.append(
             f"- {column}: {ranking_line(variants, column, higher)} (Spearman ρ vs loss {rho:+.2f})"
         )

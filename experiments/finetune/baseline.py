@@ -12,14 +12,14 @@ import lightning as L
 from hydra import compose, initialize_config_dir
 
 from gptlab.cli import CONFIG_DIR
-from gptlab.cli.train import build_datamodule, build_model
+from gptlab.training.build import build_datamodule, build_module
 
 
 def main(overrides: list[str]) -> None:
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         cfg = compose("train", ["experiment=sft", "init_from=last", *overrides])
     datamodule = build_datamodule(cfg)
-    model = build_model(cfg, datamodule)
+    model = build_module(cfg, datamodule)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
     (metrics,) = trainer.validate(model, datamodule=datamodule, verbose=False)
     print(f"pretrained model, no finetuning: loss/val {metrics['loss/val']:.4f}")

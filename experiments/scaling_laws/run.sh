@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 
 # ~10 MB of text: the built-in corpus plus the docstrings of the installed packages.
-gptlab-prepare data=builtin_site tokenizer.vocab_size=512
+gptlab-prepare corpus=builtin_site tokenizer.vocab_size=512
 
 # Budgets x widths as a Hydra multirun, one run at a time, on one thread: on a busy 2-core
 # machine a training step of the 33k-parameter model took 9 ms of CPU on one thread and 380 ms

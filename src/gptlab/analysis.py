@@ -1,5 +1,6 @@
 """Reading Hydra multirun sweeps back, and the statistics studies report: differences over
-seeds (Welch's t-test) and the muP coordinate check.
+seeds (Welch's t-test and its confidence interval), the optimum of a loss over a grid of
+settings, and the muP coordinate check.
 
 `gptlab-train -m ...` (or an experiment with `hydra.mode: MULTIRUN`) writes one folder per job:
 
@@ -7,15 +8,23 @@ seeds (Welch's t-test) and the muP coordinate check.
         .hydra/overrides.yaml     this job's overrides, e.g. [model/position=rope, seed=1]
         tensorboard/              the logged scalars (loss/val, perf/tokens_per_sec, ...)
         checkpoints/last.ckpt     the model at the end, its config in the hyperparameters
+        results.json              the final metrics, once the job finished (error.txt if it failed)
+
+A study made of several sweeps and single runs keeps them under one folder: `load_runs` reads
+every run below it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +38,35 @@ from gptlab.training.tensorboard import current_tag
 
 Scalars = dict[str, list[tuple[int, float]]]  # tag -> [(step, value), ...]
 
+# The files a run folder may hold besides its logs: gptlab-train writes the final metrics, a sweep
+# job that stopped on a user error writes that error (gptlab.cli.errors).
+RESULTS_FILE = "results.json"
+ERROR_FILE = "error.txt"
+
 
 @dataclass
 class SweepJob:
+    """One run (a sweep job or a single run): its folder and command-line overrides; its logged
+    scalars and final results are read when first asked for."""
+
     path: Path
     overrides: dict[str, str]
-    scalars: Scalars
+
+    @cached_property
+    def scalars(self) -> Scalars:
+        return read_scalars(self.path / "tensorboard")
+
+    @cached_property
+    def results(self) -> dict[str, Any] | None:
+        """The final metrics train wrote when the run finished (results.json), else None."""
+        path = self.path / RESULTS_FILE
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    @cached_property
+    def error(self) -> str | None:
+        """The error line of a sweep job that failed (error.txt), else None."""
+        path = self.path / ERROR_FILE
+        return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
     @property
     def checkpoint(self) -> Path:
@@ -84,7 +116,34 @@ def job_overrides(job_dir: Path) -> dict[str, str]:
 
 
 def load_job(job_dir: Path) -> SweepJob:
-    return SweepJob(job_dir, job_overrides(job_dir), read_scalars(job_dir / "tensorboard"))
+    return SweepJob(job_dir, job_overrides(job_dir))
+
+
+def load_runs(root: str | Path) -> list[SweepJob]:
+    """Every run under `root` at any depth, finished or not: single runs and sweep jobs alike
+    (folders with a .hydra folder), sorted by path. None if `root` does not exist."""
+    return [load_job(p.parent) for p in sorted(Path(root).rglob(".hydra")) if p.is_dir()]
+
+
+def unfinished_lines(runs: Sequence[SweepJob]) -> list[str]:
+    """Markdown lines for a study's report: the runs without results, and why (their error, if
+    they left one); none if every run finished."""
+    if not runs:
+        return []
+    lines = ["", f"Not counted: {len(runs)} runs that did not finish:", ""]
+    return lines + [
+        f"- `{run.path}`: {run.error or 'no results (running or killed)'}" for run in runs
+    ]
+
+
+def group_runs(runs: Sequence[SweepJob], keys: Sequence[str]) -> dict[tuple, list[SweepJob]]:
+    """`runs` grouped by their values of the override `keys` (None where a run lacks one), in
+    order of first appearance: with every key but the seed, each group holds one setting's
+    seeds."""
+    groups: dict[tuple, list[SweepJob]] = {}
+    for run in runs:
+        groups.setdefault(tuple(run.overrides.get(k) for k in keys), []).append(run)
+    return groups
 
 
 def read_scalars(tensorboard_dir: Path) -> Scalars:
@@ -114,6 +173,12 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return mean, statistics.stdev(values) if len(values) > 1 else math.nan
 
 
+def mean_std_text(values: list[float], digits: int = 3) -> str:
+    """'mean ± sd (n=N)', the form every study's tables report a setting's seeds in."""
+    mean, sd = mean_std(values)
+    return f"{mean:.{digits}f} ± {sd:.{digits}f} (n={len(values)})"
+
+
 @dataclass(frozen=True)
 class SeedComparison:
     """Two settings' final metric over seeds, and Welch's t-test of their difference."""
@@ -127,6 +192,22 @@ class SeedComparison:
     t: float  # (mean_a - mean_b) / its standard error
     df: float  # Welch-Satterthwaite degrees of freedom
     p_less: float  # one-sided p-value of "a is lower than b" (lower loss is better)
+    se: float  # the standard error of mean_a - mean_b
+
+    @property
+    def difference(self) -> float:
+        return self.mean_a - self.mean_b
+
+    @property
+    def p_two_sided(self) -> float:
+        """The p-value of "a and b differ", in either direction."""
+        return min(1.0, 2 * min(self.p_less, 1 - self.p_less))
+
+    def interval(self, level: float = 0.95) -> tuple[float, float]:
+        """Welch's confidence interval for mean_a - mean_b. A difference is shown to lie within
+        +-margin (equivalence, at 5%) when its 90% interval does (two one-sided tests)."""
+        half = student_t_quantile(0.5 + level / 2, self.df) * self.se
+        return self.difference - half, self.difference + half
 
     def describe(self, alpha: float = 0.05) -> str:
         verdict = "lower" if self.p_less < alpha else "within seed noise of"
@@ -140,19 +221,49 @@ class SeedComparison:
 def compare_seeds(a: list[float], b: list[float]) -> SeedComparison:
     """Welch's unequal-variance t-test of mean(a) < mean(b), for final metrics over seeds.
     Needs at least two values on each side."""
-    if len(a) < 2 or len(b) < 2:
-        raise ValueError(
-            f"a comparison over seeds needs >= 2 runs a side, got {len(a)} and {len(b)}"
-        )
-    (mean_a, sd_a), (mean_b, sd_b) = mean_std(a), mean_std(b)
-    va, vb = sd_a**2 / len(a), sd_b**2 / len(b)
-    if va + vb == 0:
+    return welch(*mean_std(a), len(a), *mean_std(b), len(b))
+
+
+def welch(
+    mean_a: float, sd_a: float, n_a: int, mean_b: float, sd_b: float, n_b: int
+) -> SeedComparison:
+    """Welch's t-test from each side's mean, sample standard deviation and count: all it needs,
+    so a published 'mean ± sd (n)' table can be tested without its runs."""
+    if n_a < 2 or n_b < 2:
+        raise ValueError(f"a comparison over seeds needs >= 2 runs a side, got {n_a} and {n_b}")
+    va, vb = sd_a**2 / n_a, sd_b**2 / n_b
+    se = math.sqrt(va + vb)
+    if se == 0:
         t = math.copysign(math.inf, mean_a - mean_b) if mean_a != mean_b else 0.0
-        df = float(len(a) + len(b) - 2)
+        df = float(n_a + n_b - 2)
     else:
-        t = (mean_a - mean_b) / math.sqrt(va + vb)
-        df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return SeedComparison(mean_a, sd_a, len(a), mean_b, sd_b, len(b), t, df, student_t_cdf(t, df))
+        t = (mean_a - mean_b) / se
+        df = (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+    p_less = student_t_cdf(t, df)
+    return SeedComparison(mean_a, sd_a, n_a, mean_b, sd_b, n_b, t, df, p_less, se)
+
+
+def comparison_table(comparisons: dict[str, SeedComparison], digits: int = 3) -> str:
+    """A markdown table of named comparisons: each side's mean ± sd (n), the difference a - b
+    with its 95% and 90% Welch intervals, t, df and the two-sided p."""
+    lines = [
+        "| comparison (a vs b) | a | b | a − b | 95% interval | 90% interval | Welch t (df) "
+        "| p (two-sided) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def interval(c: SeedComparison, level: float) -> str:
+        low, high = c.interval(level)
+        return f"[{low:+.{digits}f}, {high:+.{digits}f}]"
+
+    for name, c in comparisons.items():
+        a = f"{c.mean_a:.{digits}f} ± {c.sd_a:.{digits}f} (n={c.n_a})"
+        b = f"{c.mean_b:.{digits}f} ± {c.sd_b:.{digits}f} (n={c.n_b})"
+        lines.append(
+            f"| {name} | {a} | {b} | {c.difference:+.{digits}f} | {interval(c, 0.95)} "
+            f"| {interval(c, 0.9)} | {c.t:.2f} ({c.df:.1f}) | {c.p_two_sided:.3g} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def student_t_cdf(t: float, df: float) -> float:
@@ -162,6 +273,21 @@ def student_t_cdf(t: float, df: float) -> float:
         return 1.0 if t > 0 else 0.0
     tail = 0.5 * regularized_beta(df / (df + t * t), df / 2, 0.5)
     return 1.0 - tail if t > 0 else tail
+
+
+def student_t_quantile(p: float, df: float) -> float:
+    """The t with P(T <= t) = p, by bisection on `student_t_cdf`."""
+    if not 0 < p < 1:
+        raise ValueError(f"a quantile needs 0 < p < 1, got {p}")
+    low, high = -1.0, 1.0
+    while student_t_cdf(low, df) > p:
+        low *= 2
+    while student_t_cdf(high, df) < p:
+        high *= 2
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if student_t_cdf(mid, df) < p else (low, mid)
+    return (low + high) / 2
 
 
 def regularized_beta(x: float, a: float, b: float) -> float:
@@ -193,6 +319,60 @@ def beta_continued_fraction(x: float, a: float, b: float) -> float:
         if abs(d * c - 1.0) < 1e-15:
             break
     return h
+
+
+@dataclass(frozen=True)
+class GridOptimum:
+    """Where a loss measured over seeds on a grid of one setting (e.g. log2 of the learning
+    rate) is lowest."""
+
+    best: float  # the grid point with the lowest mean over seeds
+    fitted: float  # vertex of the parabola through `best` and its neighbours (at an edge: `best`)
+    low: float  # percentile interval of `fitted` over resamples of each point's seeds
+    high: float
+    at_edge: bool  # the lowest mean is at an end of the grid: the optimum may lie beyond it
+
+
+def grid_optimum(
+    grid: Sequence[float],
+    values: Sequence[Sequence[float]],
+    level: float = 0.9,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> GridOptimum:
+    """The optimum of a loss on an increasing `grid`, from `values[i]`, the losses of the seeds
+    run at `grid[i]`. The interval bootstraps the seeds: each resample draws every point's seeds
+    with replacement and refits; with 3 seeds a point it is a rough guide, not an exact one."""
+    if len(grid) != len(values) or not grid or list(grid) != sorted(set(grid)):
+        raise ValueError(f"need increasing grid points with values each, got {list(grid)}")
+    rng = random.Random(seed)
+    fitted = lowest_vertex(grid, [statistics.fmean(v) for v in values])
+    estimates = sorted(
+        lowest_vertex(grid, [statistics.fmean(rng.choices(v, k=len(v))) for v in values])
+        for _ in range(resamples)
+    )
+    tail = (1 - level) / 2
+    best = min(range(len(grid)), key=lambda i: statistics.fmean(values[i]))
+    return GridOptimum(
+        best=grid[best],
+        fitted=fitted,
+        low=estimates[round(tail * (resamples - 1))],
+        high=estimates[round((1 - tail) * (resamples - 1))],
+        at_edge=best in (0, len(grid) - 1),
+    )
+
+
+def lowest_vertex(x: Sequence[float], y: Sequence[float]) -> float:
+    """The vertex of the parabola through the lowest y and its two neighbours; at either end of
+    the grid, or when the three points are collinear, that grid point itself."""
+    i = min(range(len(y)), key=y.__getitem__)
+    if i in (0, len(y) - 1):
+        return x[i]
+    (x0, x1, x2), (y0, y1, y2) = x[i - 1 : i + 2], y[i - 1 : i + 2]
+    denominator = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+    if denominator == 0:
+        return x[i]
+    return x1 - 0.5 * ((x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)) / denominator
 
 
 def coordinate_check(

@@ -1,6 +1,20 @@
 """A GPT language model in one plain-PyTorch file.
 
-Read it bottom-up: configuration, then the small interchangeable pieces, then the transformer.
+It reads bottom-up, as nanoGPT's does: every module-level name is defined before the code that
+uses it. First the configuration, then the small interchangeable pieces (init schemes, norms,
+MLPs, positions, attention), then sampling and FLOP accounting, then the block and the GPT, and
+last a diagnostic hook. Inside a class the constructor comes first, then the helpers it calls.
+
+Shape comments name each axis by one letter:
+    B  batch
+    T  time: tokens in the sequence (Tq queries, Tk keys where they differ: a KV cache)
+    C  channels, n_embd
+    H  query heads, n_head
+    K  key/value heads, n_kv_heads (K divides H; K < H is grouped-query attention)
+    G  query heads per key/value head, H / K
+    D  head dim, C / H
+    V  vocabulary, vocab_size
+An axis in brackets, as in ([B,] T), exists only for packed rows, whose positions differ by row.
 
 Features (each chosen by name in `GPTConfig`; the names live in small registries):
 - attention backends: "sdpa" (`F.scaled_dot_product_attention`) and "eager" (explicit mask and
@@ -35,6 +49,7 @@ from torch import Tensor, nn
 
 from gptlab.parametrization import PARAMETRIZATIONS, WidthScaling, width_scaling
 
+# The variant registries, name -> class: each class below joins one with `@register`.
 ATTENTION_BACKENDS: dict[str, type[nn.Module]] = {}
 POSITIONS: dict[str, type[Position]] = {}
 NORMS: dict[str, type[nn.Module]] = {}
@@ -298,10 +313,10 @@ class Position(nn.Module):
         return x  # x: (B, T, C) token embeddings
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
-        return q, k  # (B, nh, T, hs), (B, n_kv, T, hs)
+        return q, k  # (B, H, T, D), (B, K, T, D)
 
     def attn_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor | None:
-        return None  # or an additive (nh, Tq, Tk) or (B, nh, Tq, Tk) bias on the scores
+        return None  # or an additive (H, Tq, Tk) or (B, H, Tq, Tk) bias on the scores
 
 
 @register(POSITIONS, "none")
@@ -359,12 +374,12 @@ class RotaryPosition(Position):
 
     def rotate(self, q: Tensor, k: Tensor, pos: Tensor) -> tuple[Tensor, Tensor]:
         i = torch.arange(0, self.head_size, 2, device=pos.device, dtype=torch.float32)
-        angles = pos.float()[..., None] * self.theta ** (-i / self.head_size)  # ([B,] T, hs/2)
-        angles = torch.cat([angles, angles], dim=-1).unsqueeze(-3)  # ([B,] 1, T, hs): all heads
+        angles = pos.float()[..., None] * self.theta ** (-i / self.head_size)  # ([B,] T, D/2)
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(-3)  # ([B,] 1, T, D): all heads
         cos, sin = angles.cos().to(q.dtype), angles.sin().to(q.dtype)
 
         def rot(x: Tensor) -> Tensor:
-            x1, x2 = x.chunk(2, dim=-1)  # (B, h, T, hs/2) each
+            x1, x2 = x.chunk(2, dim=-1)  # (B, H or K, T, D/2) each
             return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
         return rot(q), rot(k)
@@ -388,12 +403,22 @@ class ALiBiPosition(Position):
         self.slopes = alibi_slopes(config.n_head)
 
     def attn_bias(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
-        slopes = torch.tensor(self.slopes, device=q_pos.device)  # (nh,)
+        slopes = torch.tensor(self.slopes, device=q_pos.device)  # (H,)
         distance = (k_pos[..., None, :] - q_pos[..., :, None]).float()  # ([B,] Tq, Tk), <= 0 seen
-        return slopes[:, None, None] * distance.unsqueeze(-3)  # ([B,] nh, Tq, Tk)
+        return slopes[:, None, None] * distance.unsqueeze(-3)  # ([B,] H, Tq, Tk)
 
 
 # ----------------------------------------------------------------------------- attention
+
+
+def segment_positions(segments: Tensor) -> Tensor:
+    """Each token's offset from the start of its segment: [[7, 7, 7, 2, 2]] -> [[0, 1, 2, 0, 1]].
+    A segment starts wherever the id differs from the token before."""
+    t = torch.arange(segments.size(1), device=segments.device).expand_as(segments)  # (B, T)
+    starts = torch.ones_like(segments, dtype=torch.bool)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+    first = torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) where each segment starts
+    return t - first
 
 
 def attention_mask(
@@ -421,7 +446,7 @@ def attention_mask(
         # Across segments `distance` means nothing (positions restart), so this test comes last.
         visible = (visible & (segments[:, :, None] == segments[:, None, :]))[:, None]
     mask = torch.zeros(visible.shape, device=q_pos.device).masked_fill(~visible, float("-inf"))
-    return mask if bias is None else mask + bias  # ([B,] Tq, Tk) or ([B,] nh, Tq, Tk)
+    return mask if bias is None else mask + bias  # ([B,] Tq, Tk) or ([B,] H, Tq, Tk)
 
 
 @register(ATTENTION_BACKENDS, "sdpa")
@@ -456,23 +481,23 @@ class EagerAttention(nn.Module):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, scale: float
     ) -> Tensor:
-        B, nh, Tq, hs = q.shape
-        n_kv, Tk = k.size(1), k.size(2)
+        B, H, Tq, D = q.shape
+        K, Tk = k.size(1), k.size(2)
         if mask is None:
             mask = torch.full((Tq, Tk), float("-inf"), device=q.device, dtype=q.dtype).triu(1)
-        if mask.dim() > 2:  # ([B,] nh or 1, Tq, Tk): split the head axis as the queries below
+        if mask.dim() > 2:  # ([B,] H or 1, Tq, Tk): split the head axis as the queries below
             head = mask.dim() - 3
-            mask = mask.unflatten(head, (n_kv, -1) if mask.size(head) == nh else (1, 1))
-        # Grouped-query attention: query heads as (n_kv, group), so that each group's scores
+            mask = mask.unflatten(head, (K, -1) if mask.size(head) == H else (1, 1))
+        # Grouped-query attention: query heads as (K, G), so that each group's scores
         # broadcast against its one KV head instead of a copy per query head.
-        q = q.view(B, n_kv, nh // n_kv, Tq, hs)  # (B, n_kv, g, Tq, hs)
-        k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, n_kv, 1, Tk, hs)
-        scores = (q @ k.transpose(-2, -1)) * scale  # (B, n_kv, g, Tq, Tk)
-        weights = F.softmax(scores + mask, dim=-1)  # (B, n_kv, g, Tq, Tk)
+        q = q.view(B, K, H // K, Tq, D)  # (B, K, G, Tq, D)
+        k, v = k.unsqueeze(2), v.unsqueeze(2)  # (B, K, 1, Tk, D)
+        scores = (q @ k.transpose(-2, -1)) * scale  # (B, K, G, Tq, Tk)
+        weights = F.softmax(scores + mask, dim=-1)  # (B, K, G, Tq, Tk)
         if self.record is not None:
-            self.record.append(weights.detach().flatten(1, 2))  # (B, nh, Tq, Tk)
+            self.record.append(weights.detach().flatten(1, 2))  # (B, H, Tq, Tk)
         weights = F.dropout(weights, p=dropout_p)  # dropout_p is 0 outside training
-        return (weights @ v).flatten(1, 2)  # (B, nh, Tq, hs)
+        return (weights @ v).flatten(1, 2)  # (B, H, Tq, D)
 
 
 class KVCache:
@@ -480,7 +505,7 @@ class KVCache:
 
     Buffers are allocated by the first write, with that write's batch size, dtype and device, so
     the cache needs no setup and works unchanged under autocast. Keys are stored already rotated
-    (RoPE) and before GQA expansion: (B, n_kv_heads, max_len, hs). The cache keeps every token,
+    (RoPE) and before GQA expansion: (B, K, max_len, D). The cache keeps every token,
     even with a sliding window; the mask hides what is out of reach. `length` counts the tokens
     stored; `GPT.forward` advances it once all layers have written.
     """
@@ -495,12 +520,12 @@ class KVCache:
         """Store this step's keys/values at [length, length+T); return all keys/values so far."""
         start, end = self.length, self.length + k.size(2)
         if self.k[layer] is None:
-            B, n_kv, _, hs = k.shape
-            self.k[layer] = k.new_zeros(B, n_kv, self.max_len, hs)
-            self.v[layer] = v.new_zeros(B, n_kv, self.max_len, hs)
+            B, K, _, D = k.shape
+            self.k[layer] = k.new_zeros(B, K, self.max_len, D)
+            self.v[layer] = v.new_zeros(B, K, self.max_len, D)
         self.k[layer][:, :, start:end] = k
         self.v[layer][:, :, start:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, n_kv, end, hs)
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, K, end, D)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -513,16 +538,16 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv, self.hs = config.n_head, config.kv_heads, config.head_size
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.kv_heads, config.head_size
         # One matmul for q, k and v; with GQA the k and v parts are narrower.
         self.c_attn = nn.Linear(
-            config.n_embd, (self.n_head + 2 * self.n_kv) * self.hs, bias=config.bias
+            config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.bias
         )
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.q_norm = RMSNorm(self.hs) if config.qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.hs) if config.qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.backend = ATTENTION_BACKENDS[config.attention]()
-        self.scale = config.width_scaling.attention_scale(self.hs)  # 1/sqrt(hs) under SP
+        self.scale = config.width_scaling.attention_scale(self.head_dim)  # 1/sqrt(D) under SP
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -536,24 +561,96 @@ class CausalSelfAttention(nn.Module):
     ) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
-            [self.n_head * self.hs, self.n_kv * self.hs, self.n_kv * self.hs], dim=-1
+            [self.n_head * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim],
+            dim=-1,
         )
-        q = q.view(B, T, self.n_head, self.hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
-        v = v.view(B, T, self.n_kv, self.hs).transpose(1, 2)  # (B, n_kv, T, hs)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         # QK-norm bounds the attention logits, which keeps training stable at high learning rates.
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = position.rotate(q, k, pos)
         if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, n_kv, Tk, hs)
-        # With GQA k and v keep their n_kv heads: each serves a contiguous group of query heads.
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, K, Tk, D)
+        # With GQA k and v keep their K heads: each serves a contiguous group of G query heads.
         if mask is not None:
             mask = mask.to(q.dtype)  # sdpa wants the mask in the query's dtype (autocast)
         dropout_p = self.dropout if self.training else 0.0
-        y = self.backend(q, k, v, mask, dropout_p, self.scale)  # (B, nh, T, hs)
-        # (B, T, C); under tensor parallelism, this rank's heads only (gptlab.training.parallel)
-        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.hs)
+        y = self.backend(q, k, v, mask, dropout_p, self.scale)  # (B, H, T, D)
+        # (B, T, H * D) = (B, T, C), or under tensor parallel this rank's heads only
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(y))
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def check_sampling_options(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError for options `sample` cannot honour."""
+    if temperature < 0 or (top_k is not None and top_k < 1):
+        raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def sample(
+    logits: Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Draw one token per row from logits (B, V); temperature=0 means argmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the more likely ones already reach top_p; the top token always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
+
+
+# ----------------------------------------------------------------------------- FLOP accounting
+
+
+def _trains(*modules: nn.Module) -> bool:
+    return any(p.requires_grad for m in modules for p in m.parameters())
+
+
+class _TrainingFlops:
+    """Walks the matmuls of a forward pass in order (see `GPT.flops_per_token`). `grad` says
+    whether the gradient reaches the current point, i.e. whether any weight before it trains."""
+
+    def __init__(self, grad: bool) -> None:
+        self.grad = grad
+        self.flops = 0.0
+
+    def linear(self, layer: nn.Module) -> None:
+        self.parallel_linears([layer])
+
+    def parallel_linears(self, layers: list[nn.Module]) -> None:
+        """Layers that read the same input. Inside one layer the matrices form a chain (a LoRA
+        layer's B reads A's output), so a trainable matrix passes the gradient to the next."""
+        grad_out = self.grad
+        for layer in layers:
+            grad = self.grad
+            for weight in (p for p in layer.parameters() if p.ndim == 2):
+                self.flops += 2 * weight.numel() * (1 + grad + weight.requires_grad)
+                grad |= weight.requires_grad
+            grad_out |= grad
+        self.grad = grad_out
+
+    def attention(self, T: int, n_embd: int) -> None:
+        # QK^T and AV: 2 T n_embd each forward; backward, the gradients of both operands.
+        self.flops += 4 * T * n_embd * (1 + 2 * self.grad)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -632,18 +729,8 @@ class GPT(nn.Module):
         device come from the first forward that uses it."""
         return KVCache(self.config.n_layer, max_len or self.config.block_size)
 
-    def forward(
-        self, idx: Tensor, kv_cache: KVCache | None = None, segments: Tensor | None = None
-    ) -> Tensor:
-        """idx: (B, T) token ids -> logits (B, T, vocab_size).
-
-        With `kv_cache`, idx holds only the new tokens; their positions continue from
-        `kv_cache.length`, and the cache is advanced by T.
-
-        `segments` (B, T), for packed rows: the id of the document each token belongs to, equal
-        along each document. Every document is then computed as if it were alone in its row:
-        positions restart at 0 where the id changes, and tokens attend only within their document.
-        """
+    def check_inputs(self, idx: Tensor, kv_cache: KVCache | None, segments: Tensor | None) -> None:
+        """Raise ValueError, naming the shapes and lengths, for inputs `forward` cannot take."""
         if idx.dim() != 2 or idx.size(1) == 0:
             raise ValueError(f"idx must have shape (B, T) with T >= 1, got {tuple(idx.shape)}")
         if segments is not None and kv_cache is not None:
@@ -663,6 +750,22 @@ class GPT(nn.Module):
             )
         if kv_cache is not None and start + T > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} tokens; {start + T} requested")
+
+    def forward(
+        self, idx: Tensor, kv_cache: KVCache | None = None, segments: Tensor | None = None
+    ) -> Tensor:
+        """idx: (B, T) token ids -> logits (B, T, V).
+
+        With `kv_cache`, idx holds only the new tokens; their positions continue from
+        `kv_cache.length`, and the cache is advanced by T.
+
+        `segments` (B, T), for packed rows: the id of the document each token belongs to, equal
+        along each document. Every document is then computed as if it were alone in its row:
+        positions restart at 0 where the id changes, and tokens attend only within their document.
+        """
+        self.check_inputs(idx, kv_cache, segments)
+        T = idx.size(1)
+        start = kv_cache.length if kv_cache is not None else 0
         if segments is None:
             k_pos = torch.arange(start + T, device=idx.device)  # (Tk,) every key, cached first
             pos = k_pos[start:]  # (T,) the queries
@@ -678,7 +781,7 @@ class GPT(nn.Module):
         x = self.norm_f(x)
         if self.output_mult != 1.0:  # muP's 1/m on the logits, applied to the head's input
             x = x * self.output_mult
-        return self.lm_head(x)  # (B, T, vocab_size)
+        return self.lm_head(x)  # (B, T, V)
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count, a tied matrix counted once.
@@ -749,10 +852,7 @@ class GPT(nn.Module):
         the sequence fits and decoding then continues uncached with cropping. Other positions
         keep the whole context (extrapolating past block_size).
         """
-        if temperature < 0 or (top_k is not None and top_k < 1):
-            raise ValueError(f"need temperature >= 0 and top_k >= 1, got {temperature}, {top_k}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        check_sampling_options(temperature, top_k, top_p)
         limit = self.position.max_len
         total = idx.size(1) + max_new_tokens
         cache = self.new_kv_cache(min(total, limit or total)) if use_cache else None
@@ -786,61 +886,21 @@ class GPT(nn.Module):
         generator: torch.Generator | None = None,
     ) -> Tensor:
         """Complete idx (B, T); returns (B, T + generated), generated < max_new_tokens only when
-        every row hit eos_id. See `stream` for the options."""
-        new = list(
-            self.stream(
-                idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
-            )
+        every row hit eos_id. The tokens are those of `stream`, which has the one decoding loop
+        and documents the options."""
+        tokens = self.stream(
+            idx, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, generator
         )
-        return torch.cat([idx, *(t[:, None] for t in new)], dim=1)
+        return torch.cat([idx, *(token[:, None] for token in tokens)], dim=1)  # (B, T + generated)
 
 
-def _trains(*modules: nn.Module) -> bool:
-    return any(p.requires_grad for m in modules for p in m.parameters())
-
-
-class _TrainingFlops:
-    """Walks the matmuls of a forward pass in order (see `GPT.flops_per_token`). `grad` says
-    whether the gradient reaches the current point, i.e. whether any weight before it trains."""
-
-    def __init__(self, grad: bool) -> None:
-        self.grad = grad
-        self.flops = 0.0
-
-    def linear(self, layer: nn.Module) -> None:
-        self.parallel_linears([layer])
-
-    def parallel_linears(self, layers: list[nn.Module]) -> None:
-        """Layers that read the same input. Inside one layer the matrices form a chain (a LoRA
-        layer's B reads A's output), so a trainable matrix passes the gradient to the next."""
-        grad_out = self.grad
-        for layer in layers:
-            grad = self.grad
-            for weight in (p for p in layer.parameters() if p.ndim == 2):
-                self.flops += 2 * weight.numel() * (1 + grad + weight.requires_grad)
-                grad |= weight.requires_grad
-            grad_out |= grad
-        self.grad = grad_out
-
-    def attention(self, T: int, n_embd: int) -> None:
-        # QK^T and AV: 2 T n_embd each forward; backward, the gradients of both operands.
-        self.flops += 4 * T * n_embd * (1 + 2 * self.grad)
-
-
-def segment_positions(segments: Tensor) -> Tensor:
-    """Each token's offset from the start of its segment: [[7, 7, 7, 2, 2]] -> [[0, 1, 2, 0, 1]].
-    A segment starts wherever the id differs from the token before."""
-    t = torch.arange(segments.size(1), device=segments.device).expand_as(segments)  # (B, T)
-    starts = torch.ones_like(segments, dtype=torch.bool)
-    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
-    first = torch.where(starts, t, 0).cummax(dim=1).values  # (B, T) where each segment starts
-    return t - first
+# ----------------------------------------------------------------------------- diagnostics
 
 
 @contextmanager
 def record_attention(model: GPT) -> Iterator[list[Tensor]]:
     """Record attention probabilities: inside the `with` block, every forward appends each
-    layer's softmax weights, (B, n_head, Tq, Tk) in layer order, to the yielded list.
+    layer's softmax weights, (B, H, Tq, Tk) in layer order, to the yielded list.
 
     The layers run on the eager backend meanwhile (sdpa never materialises the weights, and
     agrees with eager within 1e-5), so the model's normal path pays nothing for this hook.
@@ -855,28 +915,3 @@ def record_attention(model: GPT) -> Iterator[list[Tensor]]:
     finally:
         for layer, backend in zip(layers, backends, strict=True):
             layer.backend = backend
-
-
-def sample(
-    logits: Tensor,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Draw one token per row from logits (B, V); temperature=0 means argmax."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the more likely ones already reach top_p; the top token always stays.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)

@@ -1,4 +1,5 @@
-"""Errors a user can fix become one clear line on stderr and exit status 1, not a traceback."""
+"""How the command-line tools report the errors of `gptlab.errors`: one clear line on stderr
+and exit status 1, not a traceback."""
 
 from __future__ import annotations
 
@@ -10,13 +11,9 @@ from pathlib import Path
 
 from hydra.errors import InstantiationException
 
-from gptlab.data.fileio import atomic_write_text
-
-# Bad values and data (ValueError, incl. DataError), missing or unwritable files and full disks
-# (OSError), a diverged run (TrainingDivergedError is a FloatingPointError), and errors raised
-# while Hydra builds a `_target_` (the datamodule, Trainer, callbacks, loggers).
-USER_ERRORS = (ValueError, OSError, FloatingPointError, InstantiationException)
-ERROR_FILE = "error.txt"  # a failed sweep job's error, in its folder
+from gptlab.analysis import ERROR_FILE
+from gptlab.errors import USER_ERRORS
+from gptlab.fileio import atomic_write_text
 
 
 @contextlib.contextmanager

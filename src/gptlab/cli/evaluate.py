@@ -29,15 +29,15 @@ from tokenizers import Tokenizer
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
-from gptlab.data.errors import DataError
-from gptlab.data.fileio import atomic_write_text
 from gptlab.data.prepare import load_manifest
 from gptlab.data.shards import read_shard
 from gptlab.data.sources import load_documents
 from gptlab.data.tokenizer import eot_id, load_tokenizer
+from gptlab.errors import DataError
 from gptlab.eval.builtin import builtin_tasks
 from gptlab.eval.scoring import score_tasks
 from gptlab.eval.tasks import resolve_task, subsample
+from gptlab.fileio import atomic_write_text
 from gptlab.model import GPT
 from gptlab.training.checkpoint import load_checkpoint, load_model, resolve_checkpoint
 

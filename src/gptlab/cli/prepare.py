@@ -1,6 +1,6 @@
 """gptlab-prepare: text source -> clean -> tokenizer -> token shards + manifest.
 
-With data.num_tasks > 1, one run per task (data.task_index) prepares its part of the corpus;
+With corpus.num_tasks > 1, one run per task (corpus.task_index) prepares its part of the corpus;
 ``merge=true`` then writes the manifest over all of them (docs/data.md).
 """
 
@@ -16,82 +16,83 @@ from omegaconf import DictConfig, OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
+from gptlab.cli.overrides import check_overrides
 from gptlab.data.clean import Cleaning, DocumentSplit
 from gptlab.data.manifest import load_manifest, merge_tasks
 from gptlab.data.prepare import prepare_dataset, prepared_manifest
 from gptlab.data.sources import Source
 
 
-def source_of(data: DictConfig) -> Source:
-    """The `Source` that `data` (the config group) describes."""
-    split = DocumentSplit(data.document_split, data.document_regex, data.chunk_chars)
+def source_of(corpus: DictConfig) -> Source:
+    """The `Source` that `corpus` (the config group) describes."""
+    split = DocumentSplit(corpus.document_split, corpus.document_regex, corpus.chunk_chars)
     return Source(
-        data.source,
-        list(data.paths),
-        data.text_field,
-        data.include_site_packages,
-        data.errors,
-        hf_arguments(data),
+        corpus.source,
+        list(corpus.paths),
+        corpus.text_field,
+        corpus.include_site_packages,
+        corpus.errors,
+        hf_arguments(corpus),
         split,
     )
 
 
-def describe_source(data: DictConfig) -> str:
-    description = source_of(data).describe()
-    if data.document_split != "file":
-        description += f", document_split={data.document_split}"
-    if data.get("max_documents") is not None:
-        description += f", first {data.max_documents} documents"
+def describe_source(corpus: DictConfig) -> str:
+    description = source_of(corpus).describe()
+    if corpus.document_split != "file":
+        description += f", document_split={corpus.document_split}"
+    if corpus.get("max_documents") is not None:
+        description += f", first {corpus.max_documents} documents"
     return description
 
 
-def hf_arguments(data: DictConfig) -> dict[str, Any] | None:
-    """`data.hf` as plain keyword arguments for `iter_hf_dataset`, or None."""
-    if not data.get("hf"):
+def hf_arguments(corpus: DictConfig) -> dict[str, Any] | None:
+    """`corpus.hf` as plain keyword arguments for `iter_hf_dataset`, or None."""
+    if not corpus.get("hf"):
         return None
-    if OmegaConf.is_missing(data.hf, "path"):
+    if OmegaConf.is_missing(corpus.hf, "path"):
         raise ValueError(
-            "data.hf.path is not set: name a Hugging Face Hub dataset "
-            "(data.hf.path=roneneldan/TinyStories) or a builder with local files "
-            "(data.hf.path=json 'data.hf.data_files=[my/*.jsonl]')"
+            "corpus.hf.path is not set: name a Hugging Face Hub dataset "
+            "(corpus.hf.path=roneneldan/TinyStories) or a builder with local files "
+            "(corpus.hf.path=json 'corpus.hf.data_files=[my/*.jsonl]')"
         )
-    return OmegaConf.to_container(data.hf, resolve=True)
+    return OmegaConf.to_container(corpus.hf, resolve=True)
 
 
 def prepare(cfg: DictConfig) -> dict[str, Any]:
-    """Prepare `cfg.data` with `cfg.tokenizer` into `cfg.data.dir`; returns the manifest."""
-    data = cfg.data
-    out_dir = Path(data.dir)
+    """Prepare `cfg.corpus` with `cfg.tokenizer` into `cfg.corpus.dir`; returns the manifest."""
+    corpus = cfg.corpus
+    out_dir = Path(corpus.dir)
     if cfg.merge:
-        manifest = merge_tasks(out_dir, data.num_tasks)
+        manifest = merge_tasks(out_dir, corpus.num_tasks)
         print_summary(out_dir, manifest)
         return manifest
-    done = prepared_manifest(out_dir, data.num_tasks, data.task_index)
+    done = prepared_manifest(out_dir, corpus.num_tasks, corpus.task_index)
     if done.exists() and not cfg.force:
         print(f"{done.parent} is already prepared (force=true rebuilds it)")
-        return json.loads(done.read_text()) if data.num_tasks > 1 else load_manifest(out_dir)
+        return json.loads(done.read_text()) if corpus.num_tasks > 1 else load_manifest(out_dir)
     manifest = prepare_dataset(
-        source_of(data),
+        source_of(corpus),
         out_dir=out_dir,
         vocab_size=cfg.tokenizer.vocab_size,
         tokenizer_path=cfg.tokenizer.path,
-        val_fraction=data.val_fraction,
-        shard_tokens=data.shard_tokens,
-        source_description=describe_source(data),
+        val_fraction=corpus.val_fraction,
+        shard_tokens=corpus.shard_tokens,
+        source_description=describe_source(corpus),
         tokenizer_kind=cfg.tokenizer.kind,
         min_frequency=cfg.tokenizer.min_frequency,
         resume=not cfg.force,
-        cleaning=Cleaning(data.normalize, data.strip_html, data.drop_empty),
+        cleaning=Cleaning(corpus.normalize, corpus.strip_html, corpus.drop_empty),
         train_bytes=cfg.tokenizer.train_bytes,
-        num_proc=data.num_proc or len(os.sched_getaffinity(0)),
-        batch_chars=data.batch_chars,
-        max_documents=data.get("max_documents"),
-        num_tasks=data.num_tasks,
-        task_index=data.task_index,
+        num_proc=corpus.num_proc or len(os.sched_getaffinity(0)),
+        batch_chars=corpus.batch_chars,
+        max_documents=corpus.get("max_documents"),
+        num_tasks=corpus.num_tasks,
+        task_index=corpus.task_index,
     )
     print_summary(done.parent, manifest)
-    if data.num_tasks > 1:
-        print(f"task {data.task_index} of {data.num_tasks} done; merge=true joins the tasks")
+    if corpus.num_tasks > 1:
+        print(f"task {corpus.task_index} of {corpus.num_tasks} done; merge=true joins the tasks")
     return manifest
 
 
@@ -136,6 +137,7 @@ def print_summary(out_dir: Path, manifest: dict[str, Any]) -> None:
         )
 
 
+@check_overrides("gptlab-prepare")
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="prepare")
 def main(cfg: DictConfig) -> None:
     with report_user_errors("gptlab-prepare"):

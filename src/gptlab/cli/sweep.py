@@ -21,11 +21,16 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from gptlab.analysis import compare_seeds, job_dirs, job_overrides, mean_std
-from gptlab.cli.errors import ERROR_FILE
-from gptlab.data.fileio import atomic_write_text
+from gptlab.analysis import (
+    ERROR_FILE,
+    RESULTS_FILE,
+    compare_seeds,
+    job_dirs,
+    job_overrides,
+    mean_std,
+)
+from gptlab.fileio import atomic_write_text
 
-RESULTS_FILE = "results.json"
 METRICS = ("val_loss", "val_ppl", "val_acc", "step", "tokens_per_sec", "wall_time_s")
 SEED_KEYS = ("seed",)
 

@@ -1,4 +1,11 @@
-"""gptlab-train: train a GPT on prepared shards, as the composed Hydra config says."""
+"""gptlab-train: config -> scaling plan -> data -> module -> Trainer -> fit -> results.
+
+`train(cfg)` reads top-down: a scaling-law sweep point first gets its plan (a pure function of
+the config and the data's manifest, gptlab.scaling.plan); then the data module and the
+LightningModule are built on one path for pretraining and finetuning (gptlab.training.build);
+then the Trainer, the memory check and the checkpoint to resume; then the fit, and the final
+metrics in results.json.
+"""
 
 from __future__ import annotations
 
@@ -18,25 +25,24 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from gptlab.analysis import RESULTS_FILE
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
-from gptlab.cli.sweep import RESULTS_FILE
+from gptlab.cli.overrides import check_overrides
+from gptlab.config_schema import TrainSchema, register_schemas
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.data.fileio import atomic_write_text, ensure_writable_dir
-from gptlab.model import GPTConfig
-from gptlab.scaling.plan import ScalingRun
-from gptlab.training.callbacks import SampleGenerationCallback, ThroughputCallback
+from gptlab.data.manifest import load_manifest
+from gptlab.fileio import atomic_write_text, ensure_writable_dir
+from gptlab.scaling.plan import ScalingRun, format_flops, plan_scaling_run
+from gptlab.training.build import build_datamodule, build_module
+from gptlab.training.callbacks.samples import SampleGenerationCallback
+from gptlab.training.callbacks.scaling import ScalingRunCallback
+from gptlab.training.callbacks.throughput import ThroughputCallback
 from gptlab.training.checkpoint import (
-    check_architecture,
-    check_same_tokenizer,
-    load_pretrained_weights,
-    read_pretrained,
     resolve_checkpoint,
     write_run_record,
 )
 from gptlab.training.console import quiet_known_notices
-from gptlab.training.finetune import build_finetune_module
-from gptlab.training.lit_gpt import LitGPT
 from gptlab.training.memory import (
     MemoryEstimate,
     available_memory,
@@ -45,62 +51,46 @@ from gptlab.training.memory import (
     gib,
 )
 from gptlab.training.parallel import check_tensor_parallel
-from gptlab.training.scale import check_launch, keep_log_file_on_rank_zero, set_global_batch
+from gptlab.training.speed import check_launch, keep_log_file_on_rank_zero, set_global_batch
 
 
-def plain(node: DictConfig | None) -> dict[str, Any]:
-    """A config node as a plain dict: what goes into checkpoints must reload without OmegaConf."""
-    return OmegaConf.to_container(node, resolve=True) if node is not None else {}
+def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Train as `cfg` says and return the final metrics. Every config error surfaces before the
+    first step: the model, optimizer, schedule, data and Trainer are all built first.
+    `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
+    started = time.perf_counter()
+    quiet_known_notices()
+    L.seed_everything(cfg.seed, workers=True)
+    ensure_writable_dir(cfg.paths.output_dir)
+    cfg, scaling_run = plan_scaling(cfg)
+    if scaling_run is not None and (earlier := scaling_run.earlier_result()) is not None:
+        return earlier  # finished before, or too big for its FLOP budget
+    datamodule = build_datamodule(cfg)
+    module = build_module(cfg, datamodule)
+    callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
+    if scaling_run is not None:
+        callbacks.append(ScalingRunCallback(scaling_run))
+    trainer = build_trainer(cfg, callbacks, datamodule)
+    check_tensor_parallel(module.config, getattr(trainer.strategy, "tensor_parallel_size", 1))
+    estimate = check_memory(cfg, trainer, module, datamodule)
+    if cfg.estimate_only:
+        return {"memory_estimate": asdict(estimate)}
+    ckpt_path = checkpoint_to_resume(cfg, trainer)
+    # weights_only: a checkpoint holds tensors and plain data, never pickled code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    results = collect_results(trainer, datamodule, callbacks)
+    results["wall_time_s"] = time.perf_counter() - started
+    save_results(cfg.paths.output_dir, results)
+    print_results(results)
+    return results
 
 
-def build_model(cfg: DictConfig, datamodule: GPTDataModule) -> LitGPT:
-    """LitGPT, or with a `finetune` section LitSFT / LitClassifier; with `init_from`, its weights
-    come from that checkpoint (optimizer and step count start fresh)."""
-    init_from = cfg.get("init_from")
-    pretrained = None
-    if init_from is not None:
-        pretrained = read_pretrained(resolve_checkpoint(init_from, cfg.paths.log_dir))
-    model, optimizer, scheduler = plain(cfg.model), plain(cfg.optimizer), plain(cfg.scheduler)
-    if cfg.get("finetune") is not None:
-        if cfg.compile or cfg.activation_checkpointing or cfg.global_batch_tokens is not None:
-            raise ValueError(
-                "compile, activation_checkpointing and global_batch_tokens apply to pretraining "
-                "only; for a finetuning experiment leave them at false, false and null "
-                "(trainer.accumulate_grad_batches accumulates gradients)"
-            )
-        return build_finetune_module(
-            model, optimizer, scheduler, plain(cfg.finetune), datamodule, pretrained
-        )
-    if model.get("vocab_size") is None:
-        model["vocab_size"] = datamodule.vocab_size
-    config = GPTConfig.from_dict(dict(model))  # validate before anything heavy happens
-    datamodule.check_vocab(model["vocab_size"])
-    lit = LitGPT(
-        model=model,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        compile=cfg.compile,
-        activation_checkpointing=cfg.activation_checkpointing,
-    )
-    limit = lit.model.position.max_len
-    if limit is not None and datamodule.block_size > limit:
-        raise ValueError(
-            f"data.loader.block_size={datamodule.block_size} exceeds model.block_size={limit}, "
-            f"the length of the {lit.config.position!r} position table; make them equal"
-        )
-    lit.tokenizer_json = datamodule.tokenizer_path.read_text(encoding="utf-8")
-    if pretrained is not None:
-        check_architecture(config, pretrained)
-        check_same_tokenizer(lit.tokenizer_json, pretrained)
-        load_pretrained_weights(lit.model, pretrained)
-    return lit
-
-
-def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
-    """The pretraining stream (GPTDataModule), or a finetuning run's examples."""
-    if cfg.get("finetune") is not None:
-        return instantiate(cfg.data.loader)
-    return instantiate(cfg.data.loader, allow_data_change=cfg.resume.allow_data_change)
+def plan_scaling(cfg: DictConfig) -> tuple[DictConfig, ScalingRun | None]:
+    """A scaling-law sweep point (a config with a `scaling` section) gets its model shape, step
+    count and warmup from its FLOP budget, before anything is built."""
+    if cfg.get("scaling") is None:
+        return cfg, None
+    return plan_scaling_run(cfg, load_manifest(cfg.data.loader.data_dir))
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:
@@ -108,6 +98,17 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
     if group is None:
         return []
     return [instantiate(entry) for entry in group.values() if entry is not None]
+
+
+def build_trainer(
+    cfg: DictConfig, callbacks: list[L.Callback], datamodule: L.LightningDataModule
+) -> L.Trainer:
+    """The configured Trainer with its loggers, the global batch set and the launch checked."""
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
+    check_launch(trainer)
+    return trainer
 
 
 def run_name(cfg: DictConfig) -> str:
@@ -119,42 +120,15 @@ def run_name(cfg: DictConfig) -> str:
     return "default"
 
 
-def train(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
-    """Train as `cfg` says and return the final metrics. Every config error surfaces before the
-    first step: the model, optimizer, schedule, data and Trainer are all built first.
-    `extra_callbacks` join the configured ones (benchmarks use it to time steps)."""
-    started = time.perf_counter()
-    quiet_known_notices()
-    L.seed_everything(cfg.seed, workers=True)
-    ensure_writable_dir(cfg.paths.output_dir)
-    datamodule = build_datamodule(cfg)
-    scaling_run = ScalingRun.start(cfg, datamodule)  # only for configs with a `scaling` section
-    if scaling_run is not None and scaling_run.earlier_result is not None:
-        return scaling_run.earlier_result  # finished before, or too big for its FLOP budget
-    model = build_model(cfg, datamodule)
-    callbacks = [*instantiate_group(cfg.get("callbacks")), *extra_callbacks]
-    if scaling_run is not None:
-        callbacks.append(scaling_run)
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
-    check_launch(trainer)
-    check_tensor_parallel(model.config, getattr(trainer.strategy, "tensor_parallel_size", 1))
-    estimate = check_memory(cfg, trainer, model, datamodule)
-    if cfg.estimate_only:
-        return {"memory_estimate": asdict(estimate)}
+def checkpoint_to_resume(cfg: DictConfig, trainer: L.Trainer) -> str | None:
+    """The file `ckpt_path` names ("last": the newest last.ckpt of runs of this name); the run's
+    record (run.json) notes it, and where this run's checkpoints go."""
     name = run_name(cfg)
     ckpt_path = cfg.get("ckpt_path")
     if ckpt_path is not None:
         ckpt_path = str(resolve_checkpoint(ckpt_path, cfg.paths.log_dir, cfg.task_name, name))
     record_run(trainer, cfg.paths.output_dir, name, ckpt_path)
-    # weights_only: a checkpoint holds tensors and plain data, never pickled code.
-    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
-    results = collect_results(trainer, datamodule, callbacks)
-    results["wall_time_s"] = time.perf_counter() - started
-    save_results(cfg.paths.output_dir, results)
-    print_results(results)
-    return results
+    return ckpt_path
 
 
 def check_memory(
@@ -244,14 +218,27 @@ def print_results(results: dict[str, Any]) -> None:
         print(f"--- sample ---\n{sample}")
 
 
+def register_resolvers() -> None:
+    """The resolvers train configs use: `${flops:...}` names the run folders of
+    experiment=scaling_law. Hydra resolves a run's folder before the task runs."""
+    OmegaConf.register_new_resolver("flops", format_flops, replace=True)
+
+
+@check_overrides("gptlab-train", TrainSchema)
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> None:
+def command(cfg: DictConfig) -> None:
     keep_log_file_on_rank_zero()
     # In a sweep a job's error is written to its folder and the other jobs still run; the
     # sweep's summary lists it and the sweep exits with status 1 (see gptlab.cli.sweep).
     in_sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     with report_user_errors("gptlab-train", cfg.paths.output_dir if in_sweep else None):
         train(cfg)
+
+
+def main() -> None:
+    register_resolvers()
+    register_schemas()  # configs/train.yaml names train_schema first
+    command()
 
 
 if __name__ == "__main__":

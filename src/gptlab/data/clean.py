@@ -44,16 +44,16 @@ class DocumentSplit:
     chunk_chars: int = 1_000_000
 
     def __post_init__(self) -> None:
-        check_choice("data.document_split", self.how, DOCUMENT_SPLITS)
+        check_choice("corpus.document_split", self.how, DOCUMENT_SPLITS)
         if self.how == "regex":
             if not self.regex:
-                raise ValueError("data.document_split=regex needs data.document_regex")
+                raise ValueError("corpus.document_split=regex needs corpus.document_regex")
             try:
                 re.compile(self.regex)
             except re.error as e:
-                raise ValueError(f"data.document_regex {self.regex!r} is invalid: {e}") from None
+                raise ValueError(f"corpus.document_regex {self.regex!r} is invalid: {e}") from None
         if self.chunk_chars < 1:
-            raise ValueError(f"data.chunk_chars must be >= 1, got {self.chunk_chars}")
+            raise ValueError(f"corpus.chunk_chars must be >= 1, got {self.chunk_chars}")
 
     def split(self, blocks: Iterable[str]) -> Iterator[str]:
         """The documents of one text, given as consecutive `blocks` (so a file larger than

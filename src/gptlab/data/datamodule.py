@@ -58,10 +58,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gptlab.data.errors import DataError
 from gptlab.data.prepare import MANIFEST_NAME, load_manifest
-from gptlab.data.shards import ShardError, read_header, read_shard
+from gptlab.data.shards import read_header, read_shard
 from gptlab.data.tokenizer import file_sha256
+from gptlab.errors import DataError, ShardError
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +303,11 @@ class GPTDataModule(L.LightningDataModule):
                 f"{self.data_dir / MANIFEST_NAME} expects {expected[:12]}...: the shards were "
                 "made with a different tokenizer; re-run gptlab-prepare"
             )
+
+    @property
+    def tokenizer_json(self) -> str:
+        """The tokenizer the shards were made with, as the JSON text a checkpoint carries."""
+        return self.tokenizer_path.read_text(encoding="utf-8")
 
     def check_vocab(self, model_vocab_size: int) -> None:
         """Fail unless every token id in the data is a valid input/output of the model.

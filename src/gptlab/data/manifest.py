@@ -11,10 +11,10 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gptlab import __version__
-from gptlab.data.errors import DataError
-from gptlab.data.fileio import atomic_write, atomic_write_text
 from gptlab.data.shards import dtype_for_vocab, read_shard
 from gptlab.data.tokenizer import eot_id, load_tokenizer, unk_id
+from gptlab.errors import DataError
+from gptlab.fileio import atomic_write, atomic_write_text
 
 MANIFEST_NAME = "manifest.json"
 TASK_MANIFEST_NAME = "task_manifest.json"
@@ -27,7 +27,7 @@ def task_dir(out_dir: str | Path, num_tasks: int, task_index: int) -> Path:
     """Where task `task_index` of `num_tasks` writes: `out_dir` itself for a single task."""
     if num_tasks < 1 or not 0 <= task_index < num_tasks:
         raise ValueError(
-            f"need data.num_tasks >= 1 and data.task_index in [0, num_tasks), "
+            f"need corpus.num_tasks >= 1 and corpus.task_index in [0, num_tasks), "
             f"got num_tasks={num_tasks}, task_index={task_index}"
         )
     out = Path(out_dir)
@@ -38,7 +38,7 @@ def merge_tasks(out_dir: str | Path, num_tasks: int) -> dict[str, Any]:
     """Write one ``manifest.json`` in `out_dir` over the shards of its `num_tasks` prepared
     tasks (in task order, so the token streams are those of a single task), and return it."""
     if num_tasks < 2:
-        raise ValueError(f"merging needs data.num_tasks >= 2, got {num_tasks}")
+        raise ValueError(f"merging needs corpus.num_tasks >= 2, got {num_tasks}")
     out = Path(out_dir)
     parts = []
     for index in range(num_tasks):
@@ -47,7 +47,7 @@ def merge_tasks(out_dir: str | Path, num_tasks: int) -> dict[str, Any]:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} does not exist: task {index} of {num_tasks} has not finished; run "
-                f"gptlab-prepare data.num_tasks={num_tasks} data.task_index={index} first"
+                f"gptlab-prepare corpus.num_tasks={num_tasks} corpus.task_index={index} first"
             )
         parts.append((folder, json.loads(path.read_text(encoding="utf-8"))))
     first_folder, first = parts[0]

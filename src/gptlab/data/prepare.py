@@ -71,8 +71,6 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from gptlab.data.clean import Cleaning, DigestSet, digest
-from gptlab.data.errors import DataError
-from gptlab.data.fileio import atomic_write, atomic_write_text, ensure_writable_dir
 from gptlab.data.manifest import (
     MANIFEST_NAME,
     SPLITS,
@@ -82,7 +80,7 @@ from gptlab.data.manifest import (
     task_dir,
 )
 from gptlab.data.manifest import load_manifest as load_manifest  # where older code finds it
-from gptlab.data.shards import ShardBuilder, ShardError, dtype_for_vocab, read_header
+from gptlab.data.shards import ShardBuilder, dtype_for_vocab, read_header
 from gptlab.data.sources import Source, task_part
 from gptlab.data.tokenizer import (
     eot_id,
@@ -91,6 +89,8 @@ from gptlab.data.tokenizer import (
     save_tokenizer,
     train_tokenizer,
 )
+from gptlab.errors import DataError, ShardError
+from gptlab.fileio import atomic_write, atomic_write_text, ensure_writable_dir
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ def prepare_dataset(
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if num_proc < 1:
-        raise ValueError(f"data.num_proc must be >= 1, got {num_proc}")
+        raise ValueError(f"corpus.num_proc must be >= 1, got {num_proc}")
     plan = job.plan_split()
     out = ensure_writable_dir(task_dir(out_dir, num_tasks, task_index))
     # Loaded (and so checked) before its hash joins the settings below.
@@ -254,8 +254,8 @@ class _Job:
             raise ValueError(f"max_documents must be None or >= 1, got {self.max_documents}")
         if self.max_documents is not None and self.num_tasks > 1:
             raise ValueError(
-                "data.max_documents keeps the first documents of the whole corpus, which "
-                "does not split into tasks; set data.max_documents=null with data.num_tasks > 1"
+                "corpus.max_documents keeps the first documents of the whole corpus, which "
+                "does not split into tasks; set corpus.max_documents=null with corpus.num_tasks > 1"
             )
 
     def raw(self, task_index: int = 0, num_tasks: int = 1) -> Iterator[str]:
@@ -305,7 +305,7 @@ class _Job:
         if self.num_tasks > 1:
             raise DataError(
                 f"corpus {self.description!r} has only {count} documents, too few to prepare "
-                "in several tasks; prepare it with data.num_tasks=1"
+                "in several tasks; prepare it with corpus.num_tasks=1"
             )
         every = round(1 / self.val_fraction)
         if count >= every:

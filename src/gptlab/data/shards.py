@@ -29,18 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from gptlab.data.errors import DataError
-from gptlab.data.fileio import atomic_write, fsync_directory
+from gptlab.errors import ShardError
+from gptlab.fileio import atomic_write, fsync_directory
 
 MAGIC = b"GPTLABTK"
 FORMAT_VERSION = 1
 HEADER_SIZE = 64
 _HEADER = struct.Struct("<8sIIQQ")  # magic, version, dtype code, token count, vocab size
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
-
-
-class ShardError(DataError):
-    """A shard file is malformed or does not match what it should contain."""
 
 
 @dataclass(frozen=True)

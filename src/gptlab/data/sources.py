@@ -29,7 +29,7 @@ from types import ModuleType
 from typing import Any
 
 from gptlab.data.clean import Cleaning, DocumentSplit, check_choice
-from gptlab.data.errors import DataError
+from gptlab.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def iter_parquet(patterns: list[str] | str, text_field: str = "text") -> Iterato
         if text_field not in schema.names:
             raise DataError(
                 f"{path}: no column {text_field!r}; the columns are {schema.names} "
-                "(set data.text_field)"
+                "(set corpus.text_field)"
             )
         column_type = schema.field(text_field).type
         if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
@@ -334,7 +334,7 @@ class Source:
         documents of a single task. Files (and the built-in corpus's texts) are dealt out by
         size; a Hugging Face dataset by its data files (`datasets`' ``shard``)."""
         if not 0 <= task_index < num_tasks:
-            raise ValueError(f"data.task_index must be in [0, {num_tasks}), got {task_index}")
+            raise ValueError(f"corpus.task_index must be in [0, {num_tasks}), got {task_index}")
         for blocks in self._texts(task_index, num_tasks):
             yield from self.split.split(blocks)
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gptlab.data.errors import DataError
-from gptlab.data.fileio import atomic_write_text
+from gptlab.errors import DataError
+from gptlab.fileio import atomic_write_text
 
 EOT_TOKEN = "<|endoftext|>"
 UNK_TOKEN = "[UNK]"

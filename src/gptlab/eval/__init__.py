@@ -5,6 +5,5 @@
 - `builtin`: download-free tasks made from the held-out validation split of prepared data.
 - `scoring`: batched log-likelihoods and the task metrics (acc, acc_norm, gold bits per byte,
   centred accuracy).
-- `callback`: `EvalTasksCallback`, the tasks scored during training (`callbacks=eval_tasks`).
 - `harness`: the `gptlab` model for lm-evaluation-harness (`pip install -e '.[eval]'`).
 """

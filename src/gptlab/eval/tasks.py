@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from gptlab.data.errors import DataError
+from gptlab.errors import DataError
 
 Kind = Literal["choice", "target"]
 
@@ -129,7 +129,7 @@ def _jsonl_example(record: Any, kind: Kind, where: str) -> Example:
 
 def write_jsonl_task(task: Task, path: str | Path) -> None:
     """Write `task` as JSON lines that `read_jsonl_task` reads back (and lm-eval can load)."""
-    from gptlab.data.fileio import atomic_write_text
+    from gptlab.fileio import atomic_write_text
 
     def record(e: Example) -> dict[str, Any]:
         if task.kind == "target":

@@ -1,13 +1,5 @@
-"""gptlab-scaling: fit scaling laws to a sweep's runs, test them on a held-out budget, and plot.
-
-    gptlab-scaling                        # logs/scaling_law/default -> experiments/scaling_laws
-    gptlab-scaling sweep_dir=logs/scaling_law/mine out_dir=elsewhere bootstrap=500
-    gptlab-scaling runs_csv=experiments/scaling_laws/runs.csv     # refit the committed runs
-
-Writes into `out_dir`: runs.csv (one row per finished run), fits.json, report.md, and the plots
-isoflop.png, optimal.png, predicted.png and kaplan.png; the report and plots also go to
-TensorBoard under `tensorboard_dir`.
-"""
+"""What `gptlab-scaling` does: read a sweep's runs, fit scaling laws, test them on a held-out
+budget, plot, and write the report (see gptlab.cli.scaling for the command)."""
 
 from __future__ import annotations
 
@@ -18,13 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig
 
-from gptlab.cli import CONFIG_DIR
-from gptlab.cli.errors import report_user_errors
-from gptlab.data.fileio import atomic_write_text
+from gptlab.fileio import atomic_write_text
 from gptlab.scaling.fit import (
     ChinchillaLaw,
     IsoFLOPFit,
@@ -511,13 +500,3 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     log_to_tensorboard(Path(cfg.tensorboard_dir), report, summary, pngs)
     print(report)
     return results
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="scaling")
-def main(cfg: DictConfig) -> None:
-    with report_user_errors("gptlab-scaling"):
-        analyze(cfg)
-
-
-if __name__ == "__main__":
-    main()

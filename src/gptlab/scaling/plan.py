@@ -9,45 +9,39 @@ matmul is real compute, and T is the context length. A run with budget C trains 
 D = C / flops_per_token tokens, rounded down to whole optimizer steps, and records the C it
 actually spent.
 
-`ScalingRun` is what `gptlab-train` does with a config that has a `scaling` section (see
-configs/experiment/scaling_law.yaml): before training it fills in the model's depth and heads,
-the step count and the warmup, and skips the run if it finished before (its result file exists)
-or if the budget cannot buy `min_steps` steps; as a callback it logs N, D and C and, after the
-last step, writes `scaling_run.json` into the run directory.
+`plan_scaling_run` is what `gptlab-train` does first with a config that has a `scaling`
+section (see configs/experiment/scaling_law.yaml): a pure function of the config and the data's
+manifest, it returns the config with the model's depth and heads, the step count and the warmup
+filled in, before anything is built. The `ScalingRun` it returns says whether the run finished
+before (its result file exists) or is skipped (the budget cannot buy `min_steps` steps), and
+writes `scaling_run.json`; `gptlab.training.callbacks.scaling.ScalingRunCallback` logs N, D and
+C while the run trains and writes the record after its last step.
 """
 
 from __future__ import annotations
 
+import copy
 import json
-import logging
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.data.datamodule import GPTDataModule
-from gptlab.data.fileio import atomic_write_text
+from gptlab.config import dataclass_from_dict
+from gptlab.fileio import atomic_write_text
 from gptlab.model import GPT, GPTConfig
-from gptlab.training.optim import dataclass_from_dict
-from gptlab.training.scale import gradient_accumulation
-
-log = logging.getLogger(__name__)
+from gptlab.training.speed import gradient_accumulation
 
 RESULT_FILE = "scaling_run.json"
 
 
 def format_flops(value: float) -> str:
-    """3e+12 -> '3e12', 2.5e11 -> '2.5e11': short, exact names for run directories."""
+    """3e+12 -> '3e12', 2.5e11 -> '2.5e11': short, exact names for run directories (the
+    `flops` resolver of configs/experiment/scaling_law.yaml, registered by gptlab-train)."""
     mantissa, exponent = f"{float(value):.6e}".split("e")
     return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-
-
-# `${flops:${scaling.budget}}` names the run directories in configs/experiment/scaling_law.yaml.
-OmegaConf.register_new_resolver("flops", format_flops, replace=True)
 
 
 @dataclass
@@ -150,7 +144,7 @@ def plan_run(
     )
 
 
-def tokens_per_step(cfg: DictConfig, datamodule: GPTDataModule) -> int:
+def tokens_per_step(cfg: DictConfig) -> int:
     """Training tokens in one optimizer step, over all devices and accumulated micro-batches
     (as `global_batch_tokens` or trainer.accumulate_grad_batches set them)."""
     devices, nodes = cfg.trainer.get("devices", 1), cfg.trainer.get("num_nodes", 1)
@@ -159,7 +153,7 @@ def tokens_per_step(cfg: DictConfig, datamodule: GPTDataModule) -> int:
             f"trainer.devices={devices!r}: a scaling run needs the device count as an int "
             "to count the tokens of a step"
         )
-    batch, block, world = datamodule.batch_size, datamodule.block_size, devices * nodes
+    batch, block, world = cfg.data.loader.batch_size, cfg.data.loader.block_size, devices * nodes
     accumulate = gradient_accumulation(
         cfg.get("global_batch_tokens"),
         cfg.trainer.get("accumulate_grad_batches", 1),
@@ -170,61 +164,17 @@ def tokens_per_step(cfg: DictConfig, datamodule: GPTDataModule) -> int:
     return batch * block * accumulate * world
 
 
-class ScalingRun(L.Callback):
-    """The scaling-law side of one training run (see the module docstring)."""
+@dataclass(frozen=True)
+class ScalingRun:
+    """One sweep point: its plan, the settings that decide its result (a finished run is reused
+    only if these match), and its record file."""
 
-    def __init__(self, cfg: DictConfig, datamodule: GPTDataModule) -> None:
-        self.scaling = dataclass_from_dict(
-            ScalingConfig, OmegaConf.to_container(cfg.scaling, resolve=True), "scaling"
-        )
-        self.result_path = Path(cfg.paths.output_dir) / RESULT_FILE
-        # A smoke test (fast_dev_run) runs one step of any plan, even one the rules would skip.
-        self.smoke_test = bool(cfg.trainer.get("fast_dev_run"))
-        self.plan = self._apply_plan(cfg, datamodule)
-        self.settings = self._settings(cfg, datamodule)
-        self.earlier_result = self._earlier_result()
-        self._final_val: tuple[int, float] | None = None
-        self._started = (0.0, 0.0)
+    plan: RunPlan
+    settings: dict[str, Any]
+    result_path: Path
+    smoke_test: bool
 
-    @classmethod
-    def start(cls, cfg: DictConfig, datamodule: GPTDataModule) -> ScalingRun | None:
-        """A ScalingRun for a config with a `scaling` section, else None. It edits `cfg`."""
-        return cls(cfg, datamodule) if cfg.get("scaling") is not None else None
-
-    def _apply_plan(self, cfg: DictConfig, datamodule: GPTDataModule) -> RunPlan:
-        model = cfg.model
-        n_layer, n_head = model_shape(model.n_embd, self.scaling)
-        model.n_layer = n_layer if model.n_layer is None else model.n_layer
-        model.n_head = n_head if model.n_head is None else model.n_head
-        model.vocab_size = datamodule.vocab_size if model.vocab_size is None else model.vocab_size
-        plan = plan_run(
-            self.scaling,
-            OmegaConf.to_container(model, resolve=True),
-            tokens_per_step(cfg, datamodule),
-            datamodule.manifest["splits"]["train"]["tokens"],
-            seq_len=datamodule.block_size,  # the loader's, which may be shorter than the model's
-        )
-        if plan.skip_reason is None or self.smoke_test:
-            cfg.trainer.max_steps = max(1, plan.steps)
-            cfg.scheduler.warmup_steps = plan.warmup_steps
-        return plan
-
-    def _settings(self, cfg: DictConfig, datamodule: GPTDataModule) -> dict[str, Any]:
-        """Everything that decides a run's result: a finished run is reused only if these match."""
-        settings = {
-            name: OmegaConf.to_container(cfg[name], resolve=True)
-            for name in ("model", "optimizer", "scheduler")
-        }
-        settings.update(
-            budget=self.scaling.budget,
-            seed=cfg.seed,
-            tokens_per_step=self.plan.tokens_per_step,
-            tokenizer_sha256=datamodule.manifest["tokenizer"]["sha256"],
-            train_tokens=datamodule.manifest["splits"]["train"]["tokens"],
-        )
-        return json.loads(json.dumps(settings))  # as it reads back from the file (tuples: lists)
-
-    def _earlier_result(self) -> dict[str, Any] | None:
+    def earlier_result(self) -> dict[str, Any] | None:
         """The result to return instead of training: a run finished before, or a skip record."""
         if self.result_path.is_file():
             record = json.loads(self.result_path.read_text(encoding="utf-8"))
@@ -234,7 +184,7 @@ class ScalingRun(L.Callback):
                 return record
         if self.plan.skip_reason is not None and not self.smoke_test:
             print(f"{self.result_path.parent}: skipped: {self.plan.skip_reason}")
-            return self._write_record("skipped")
+            return self.write_record("skipped")
         return None
 
     def _check_same_settings(self, earlier: dict[str, Any]) -> None:
@@ -249,13 +199,14 @@ class ScalingRun(L.Callback):
                 f"{', '.join(keys)}); set another scaling.sweep_name or remove that directory"
             )
 
-    def _write_record(self, status: str, **measured: Any) -> dict[str, Any]:
+    def write_record(self, status: str, **measured: Any) -> dict[str, Any]:
         record = {"status": status, **asdict(self.plan), **measured, "settings": self.settings}
         self.result_path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.result_path, json.dumps(record, indent=2) + "\n")
         return record
 
     def metrics(self) -> dict[str, float]:
+        """N, D and C of the run, as logged at its start."""
         p = self.plan
         return {
             "scaling/params": p.params,
@@ -266,46 +217,47 @@ class ScalingRun(L.Callback):
             "scaling/epochs": p.epochs,
         }
 
-    # ---------------------------------------------------------------- callback hooks
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics(self.metrics(), step=0)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._started = (time.perf_counter(), time.process_time())
-
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        loss = trainer.callback_metrics.get("loss/val")
-        if loss is not None and not trainer.sanity_checking:
-            self._final_val = (trainer.global_step, float(loss))
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Record the run, if it is a complete sweep point: all planned steps, then validated."""
-        step = trainer.global_step
-        if trainer.fast_dev_run or step != self.plan.steps:
-            log.warning("scaling run stopped at step %d of %d: not recorded", step, self.plan.steps)
-            return
-        if self._final_val is None or self._final_val[0] != step:
-            log.warning(
-                "scaling run: no validation after the last step %d (validation is switched "
-                "off): not recorded",
-                step,
-            )
-            return
-        if trainer.is_global_zero:
-            wall, cpu = self._started
-            self._write_record(
-                "finished",
-                val_loss=self._final_val[1],
-                train_seconds=time.perf_counter() - wall,
-                cpu_seconds=time.process_time() - cpu,
-            )
-            print(
-                f"scaling run: N={self.plan.params:,} ({self.plan.non_embedding_params:,} "
-                f"non-embedding), D={self.plan.tokens:,} tokens ({self.plan.epochs:.2f} epochs), "
-                f"C={self.plan.flops:.3g} FLOPs, val loss {self._final_val[1]:.4f}"
-            )
+def plan_scaling_run(cfg: DictConfig, manifest: dict[str, Any]) -> tuple[DictConfig, ScalingRun]:
+    """A copy of `cfg` with its sweep point planned (model depth and heads, unless the model
+    config sets them; max_steps and warmup, unless the run is skipped), and the ScalingRun.
+    `manifest` is the prepared data's (its vocabulary, training tokens and tokenizer)."""
+    scaling = dataclass_from_dict(
+        ScalingConfig, OmegaConf.to_container(cfg.scaling, resolve=True), "scaling"
+    )
+    planned = copy.deepcopy(cfg)
+    model = planned.model
+    n_layer, n_head = model_shape(model.n_embd, scaling)
+    model.n_layer = n_layer if model.n_layer is None else model.n_layer
+    model.n_head = n_head if model.n_head is None else model.n_head
+    model.vocab_size = manifest["vocab_size"] if model.vocab_size is None else model.vocab_size
+    train_tokens = manifest["splits"]["train"]["tokens"]
+    plan = plan_run(
+        scaling,
+        OmegaConf.to_container(model, resolve=True),
+        tokens_per_step(planned),
+        train_tokens,
+        seq_len=planned.data.loader.block_size,  # the loader's, maybe shorter than the model's
+    )
+    # A smoke test (fast_dev_run) runs one step of any plan, even one the rules would skip.
+    smoke_test = bool(cfg.trainer.get("fast_dev_run"))
+    if plan.skip_reason is None or smoke_test:
+        planned.trainer.max_steps = max(1, plan.steps)
+        planned.scheduler.warmup_steps = plan.warmup_steps
+    settings = {
+        name: OmegaConf.to_container(planned[name], resolve=True)
+        for name in ("model", "optimizer", "scheduler")
+    }
+    settings.update(
+        budget=scaling.budget,
+        seed=cfg.seed,
+        tokens_per_step=plan.tokens_per_step,
+        tokenizer_sha256=manifest["tokenizer"]["sha256"],
+        train_tokens=train_tokens,
+    )
+    result_path = Path(cfg.paths.output_dir) / RESULT_FILE
+    # As the settings read back from the file (tuples: lists).
+    return planned, ScalingRun(plan, json.loads(json.dumps(settings)), result_path, smoke_test)
 
 
 def load_run_records(sweep_dir: str | Path) -> list[dict[str, Any]]:

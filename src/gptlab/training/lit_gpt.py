@@ -3,7 +3,7 @@
 Hyperparameters are plain dicts (model, optimizer, scheduler), so a checkpoint rebuilds the model
 without Hydra: `LitGPT.load_from_checkpoint(path)`. The tokenizer travels inside the checkpoint
 as its JSON text, so a checkpoint alone is enough to generate text. Checkpoints also carry every
-rank's RNG states for an exact resume (see `gptlab.training.resume`).
+rank's RNG states for an exact resume (see `gptlab.training.checkpoint`).
 """
 
 from __future__ import annotations
@@ -17,31 +17,31 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torchmetrics import MeanMetric
 
+from gptlab.config import dataclass_from_dict
 from gptlab.model import GPT, GPTConfig
+from gptlab.training.checkpoint import (
+    RNG_KEY,
+    TOKENIZER_KEY,
+    check_architecture,
+    check_same_finetuning,
+    gather_rng_states,
+    restore_rng_state,
+    rng_state_of_rank,
+    saved_model_config,
+)
 from gptlab.training.optim import (
     OptimizerConfig,
     SchedulerConfig,
     build_optimizer,
     build_scheduler,
-    dataclass_from_dict,
 )
 from gptlab.training.parallel import clip_grad_norm, parallelize_gpt
-from gptlab.training.resume import (
-    RNG_KEY,
-    check_same_finetuning,
-    check_same_model,
-    gather_rng_states,
-    restore_rng_state,
-    rng_state_of_rank,
-)
-from gptlab.training.scale import (
+from gptlab.training.speed import (
     check_optimizer_strategy,
     check_switches,
     is_logging_step,
     speed_up_model,
 )
-
-TOKENIZER_KEY = "gptlab_tokenizer_json"
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -78,7 +78,7 @@ class LitGPT(L.LightningModule):
     def configure_model(self) -> None:
         # Lightning calls this before wrapping the model in a strategy (DDP, FSDP) and again on
         # later fit/validate calls, so apply the options once. Under FSDP the strategy
-        # checkpoints the blocks itself (inside each FSDP unit; see training/scale.py).
+        # checkpoints the blocks itself (inside each FSDP unit; see training/speed.py).
         if self._sped_up:
             return
         self._sped_up = True
@@ -107,9 +107,9 @@ class LitGPT(L.LightningModule):
     ) -> torch.Tensor:
         x, y = batch
         loss = next_token_loss(self.model(x), y)
-        # A progress bar shows the loss every step; without one, log only what gets written.
-        trainer = self.trainer
-        if trainer.progress_bar_callback or is_logging_step(trainer, self.global_step + 1):
+        # Only on the steps the loggers write (each log call has a fixed cost); the progress
+        # bar shows the latest of them.
+        if is_logging_step(self.trainer, self.global_step + 1):
             self.log("loss/train", loss, prog_bar=True)
         return loss
 
@@ -171,11 +171,16 @@ class LitGPT(L.LightningModule):
         # Runs before Lightning loads the weights, so a different model fails with a message.
         resuming = self._trainer is not None  # not LitGPT.load_from_checkpoint
         source = f"checkpoint {self._trainer.ckpt_path}" if resuming else "the checkpoint"
-        saved = checkpoint.get("hyper_parameters", {})
-        check_same_model(saved.get("model"), self.config, source)
+        saved = saved_model_config(checkpoint, source)
+        remedy = (
+            "a checkpoint resumes only the model it holds; set these back, or start a new run "
+            "without ckpt_path"
+        )
+        check_architecture(self.config, saved, source, remedy)
         self.tokenizer_json = checkpoint.get(TOKENIZER_KEY)
         if resuming:
-            check_same_finetuning(saved.get("finetune"), self.hparams.get("finetune"), source)
+            saved_finetune = checkpoint["hyper_parameters"].get("finetune")
+            check_same_finetuning(saved_finetune, self.hparams.get("finetune"), source)
             self._rng_to_restore = rng_state_of_rank(checkpoint.get(RNG_KEY), self.global_rank)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,18 +22,6 @@ MUON_LR_ADJUSTMENTS = ("match_rms_adamw", "original")
 FUSED_DEVICES = ("cpu", "cuda", "xpu")  # where torch has a fused AdamW kernel
 SCHEDULERS = ("cosine", "linear", "constant", "wsd")
 DECAY_SHAPES = ("linear", "cosine", "sqrt")  # of the WSD decay
-
-
-def dataclass_from_dict(cls: type, values: dict[str, Any], section: str) -> Any:
-    """Build dataclass `cls` from `values`, naming the config section on an unknown key."""
-    valid = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - valid)
-    if unknown:
-        raise ValueError(
-            f"unknown key(s) {unknown} in config section '{section}'; "
-            f"valid keys: {', '.join(sorted(valid))}"
-        )
-    return cls(**values)
 
 
 @dataclass
@@ -84,7 +72,7 @@ class SchedulerConfig:
     `decay_steps` steps (null: `decay_fraction` of max_steps), in `decay_shape`: linear, cosine,
     or sqrt (1 - sqrt(progress), Hägele et al. 2024). Up to its decay, a wsd run is the same for
     every max_steps, so a checkpoint of its stable phase can be resumed with a shorter max_steps
-    to branch off a decay (see README: "Schedules").
+    to branch off a decay (see docs/tour.md, "Schedules").
     """
 
     name: str = "cosine"

@@ -17,7 +17,7 @@ all of them. `trainer.strategy.tensor_parallel_size=t` splits every block over t
 Embeddings, norms and the LM head stay whole on every tensor-parallel rank (so tied embeddings
 work); every rank of a tensor-parallel group sees the same batch. FSDP2 then shards every
 parameter over the data-parallel ranks (2-D when t > 1). Checkpoints are distributed
-(torch.distributed.checkpoint; see `gptlab.training.sharded_checkpoint`); a tensor-parallel
+(torch.distributed.checkpoint; see `gptlab.training.checkpoint`); a tensor-parallel
 run's checkpoint names the split projections, and `merge_qkv_projections` turns its weights
 back into the plain GPT's.
 """
@@ -44,8 +44,7 @@ from torch.distributed.tensor.parallel import (
 )
 
 from gptlab.model import GPT, ALiBiPosition, GPTConfig, SwiGLUMLP
-from gptlab.training.scale import checkpoint_blocks
-from gptlab.training.sharded_checkpoint import (
+from gptlab.training.checkpoint import (
     METADATA_FILE,
     TENSOR_PARALLEL_KEY,
     check_tensor_parallel_layout,
@@ -56,6 +55,7 @@ from gptlab.training.sharded_checkpoint import (
     remove_stale_folders,
     staging_folder,
 )
+from gptlab.training.speed import checkpoint_blocks
 
 # Trainer precisions the sharded strategy runs, and the dtype FSDP2 computes in for each
 # (None: the parameters' own). Lightning itself refuses 16-mixed with ModelParallelStrategy.
@@ -132,7 +132,9 @@ def tensor_parallelize(model: GPT, mesh: DeviceMesh) -> None:
     check_tensor_parallel(model.config, size)
     for block in model.blocks:
         attn = block.attn
-        attn.c_attn = QKVProjections(attn.c_attn, attn.n_head * attn.hs, attn.n_kv * attn.hs)
+        attn.c_attn = QKVProjections(
+            attn.c_attn, attn.n_head * attn.head_dim, attn.n_kv * attn.head_dim
+        )
         plan: dict[str, Any] = {
             "attn.c_attn.q": ColwiseParallel(),
             "attn.c_attn.k": ColwiseParallel(),
@@ -225,7 +227,7 @@ def gather_gpt_weights(module: nn.Module) -> dict[str, Tensor]:
 class ShardedStrategy(ModelParallelStrategy):
     """Lightning's ModelParallelStrategy with the data-parallel size derived from the world
     size (world size / tensor_parallel_size: any number of devices and nodes), and checkpoints
-    published atomically (see `gptlab.training.sharded_checkpoint`)."""
+    published atomically (see `gptlab.training.checkpoint`)."""
 
     def __init__(self, tensor_parallel_size: int = 1, **kwargs: Any) -> None:
         if not (isinstance(tensor_parallel_size, int) and tensor_parallel_size >= 1):
@@ -249,7 +251,7 @@ class ShardedStrategy(ModelParallelStrategy):
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         """Every rank writes its shards into a new folder; rank 0 then publishes it as
-        `filepath` (see `gptlab.training.sharded_checkpoint`)."""
+        `filepath` (see `gptlab.training.checkpoint`)."""
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options")
         path = Path(self.broadcast(str(filepath)))

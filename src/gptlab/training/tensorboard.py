@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 
 # Tags of runs logged before the renaming, and what they are called now (gptlab.analysis reads
@@ -63,3 +64,11 @@ class StreamTensorBoardLogger(TensorBoardLogger):
             super().log_hyperparams(params, metrics, step)
         finally:
             self._linking_hparams = False
+
+
+def tensorboard_writer(trainer: L.Trainer) -> Any | None:
+    """The SummaryWriter of the Trainer's TensorBoard logger, if it has one."""
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger):
+            return logger.experiment
+    return None

@@ -1,0 +1,134 @@
+"""The study scripts of experiments/mup (LR transfer) and experiments/schedules: which runs a
+rerun skips, and the analyses' numbers on run folders made by hand, checked against hand
+computations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from torch.utils.tensorboard import SummaryWriter
+
+from experiments.launch import done_settings, products
+from experiments.mup import transfer_analyze
+from experiments.schedules import analyze as schedules_analyze
+from experiments.schedules.run import branch_point, common, shorter_lengths
+
+
+def write_run(folder: Path, overrides: dict, results: dict | None = None, error: str = ""):
+    """A run folder as gptlab-train leaves it: overrides, val losses in TensorBoard, and
+    results.json (finished) or error.txt (failed)."""
+    (folder / ".hydra").mkdir(parents=True)
+    lines = "".join(f"- {k}={v}\n" for k, v in overrides.items())
+    (folder / ".hydra" / "overrides.yaml").write_text(lines)
+    if results is not None:
+        (folder / "results.json").write_text(json.dumps(results))
+        writer = SummaryWriter(str(folder / "tensorboard"))
+        writer.add_scalar("loss/val", results["val_loss"] + 1, 1)
+        writer.add_scalar("loss/val", results["val_loss"], 2)
+        writer.close()
+    if error:
+        (folder / "error.txt").write_text(error + "\n")
+
+
+def test_a_rerun_skips_finished_and_failed_runs_only(tmp_path):
+    write_run(tmp_path / "s_1" / "0", {"lr": "0.1", "seed": 1}, {"val_loss": 4.0})
+    write_run(tmp_path / "s_1" / "1", {"lr": "0.1", "seed": 2}, error="diverged")
+    write_run(tmp_path / "s_1" / "2", {"lr": "0.2", "seed": 1})  # killed: no results
+    assert done_settings(tmp_path, ["lr", "seed"]) == {("0.1", "1"), ("0.1", "2")}
+
+
+def test_missing_runs_become_few_sweeps():
+    fresh = [(lr, seed) for lr in ("a", "b") for seed in ("1", "2")]
+    assert products(fresh) == [(["a", "b"], ["1", "2"])]
+    partial = [("b", "1"), ("a", "2"), ("b", "2")]  # seed 1 needs b only, seed 2 both
+    assert products(partial) == [(["b"], ["1"]), (["a", "b"], ["2"])]
+    assert products([]) == []
+
+
+def parabola_losses(optimum: float, grid: list[float], offset: float) -> dict[float, list[float]]:
+    """lr -> two seeds whose mean is exactly (log2 lr - optimum)^2 + offset."""
+    return {2.0**x: [(x - optimum) ** 2 + offset - 0.01, (x - optimum) ** 2 + offset + 0.01]
+            for x in grid}  # fmt: skip
+
+
+def test_transfer_optimum_drift_and_wider_check_by_hand():
+    grid = [-9.0, -8.0, -7.0, -6.0, -5.0]
+    losses = {32: parabola_losses(-6.3, grid, 4.0), 64: parabola_losses(-7.6, grid, 3.9)}
+    found = transfer_analyze.optima(losses)
+    assert found[32].best == -6.0 and found[32].fitted == pytest.approx(-6.3)
+    assert found[64].best == -8.0 and found[64].fitted == pytest.approx(-7.6)
+    on_grid, fitted = transfer_analyze.drift(found)
+    assert on_grid == pytest.approx(4.0) and fitted == pytest.approx(2**1.3)
+    # Width 64 minus 32 at log2 lr x: (x+7.6)^2 - (x+6.3)^2 - 0.1 = 2.6x + 17.97: worse (> 0)
+    # at x = -6 and -5 only, by 2.4 and 5.0, with sd 0.0141 a side: far past p = 0.05.
+    _, tested, worse, significant = transfer_analyze.wider_table(losses)
+    assert (tested, worse, significant) == (5, 2, 2)
+
+
+def test_transfer_report_from_run_folders(tmp_path):
+    grid = [-8.0, -7.0, -6.0]
+    for p in ("sp", "mup"):
+        for width, optimum in ((32, -7.0), (64, -7.0 if p == "mup" else -8.0)):
+            for lr, seeds in parabola_losses(optimum, grid, 4.0).items():
+                for seed, loss in enumerate(seeds, 1):
+                    overrides = {"trainer.max_steps": 10, "model.n_embd": width}
+                    overrides |= {"optimizer.lr": lr, "seed": seed}
+                    folder = tmp_path / "mup_transfer" / p / f"w{width}" / f"{lr}-{seed}"
+                    write_run(folder, overrides, {"val_loss": loss})
+    write_run(tmp_path / "mup_transfer" / "sp" / "w32" / "lost", {"seed": 9}, error="diverged")
+    out = tmp_path / "out"
+    transfer_analyze.main(["--log-dir", str(tmp_path), "--steps", "10", "--out-dir", str(out)])
+    text = (out / "transfer.md").read_text()
+    assert "Not counted: 1 runs" in text and "diverged" in text
+    sp, mup = text.split("## μP")
+    assert "| 0.007812 | -7.0 | **4.000 ± 0.014 (n=2)** | 5.000 ± 0.014 (n=2) |" in sp
+    assert "Drift of the optimal LR across widths (max / min): 2x on the grid" in sp
+    assert "The optimum is at the grid's edge at width 64" in sp
+    assert "Drift of the optimal LR across widths (max / min): 1x on the grid, 1x fitted" in mup
+    assert (out / "transfer.png").stat().st_size > 10_000
+
+
+def test_branch_points_and_the_validation_interval_that_keeps_them():
+    args = argparse.Namespace(steps=1000)
+    assert shorter_lengths(1000) == [500, 750]
+    # WSD decays over its last 20%: 100 of 500 steps, 150 of 750.
+    assert [branch_point(n, args) for n in (500, 750)] == [400, 600]
+    assert "trainer.val_check_interval=200" in common(args)  # gcd(400, 600, 1000)
+    with pytest.raises(SystemExit, match="too small"):
+        shorter_lengths(1)
+
+
+def test_schedules_report_from_run_folders(tmp_path):
+    root = tmp_path / "schedules"
+
+    def run(arm: str, length: int, seed: int, loss: float, wall: float) -> None:
+        overrides = {"trainer.max_steps": length, "seed": seed}
+        write_run(
+            root / arm / f"L{length}-s{seed}", overrides, {"val_loss": loss, "wall_time_s": wall}
+        )
+
+    cosine = {1: 4.00, 2: 4.02, 3: 4.04, 4: 4.01, 5: 4.03}  # mean 4.02, sd 0.0158
+    for seed, loss in cosine.items():
+        run("cosine", 1000, seed, loss, 600)
+    for seed in (1, 2, 3):
+        for length, wall in ((500, 300), (750, 450), (1000, 600)):
+            run("wsd", length, seed, cosine[seed] + (1000 - length) / 500 + 0.001, wall)
+        for length, wall, shift in ((500, 60, 0.0), (750, 90, 0.03 if seed == 2 else 0.0)):
+            run("branch", length, seed, cosine[seed] + (1000 - length) / 500 + 0.001 + shift, wall)
+    out = tmp_path / "out"
+    schedules_analyze.main(["--log-dir", str(tmp_path), "--out-dir", str(out)])
+    text = (out / "results.md").read_text()
+    assert "**4.0200 ± 0.0158 (n=5)**; range 0.0400" in text
+    assert "| 2 | 4.0210 | 4.0200 | +0.0010 |" in text  # WSD vs cosine, seed by seed
+    assert "**0.0000**, within the ±0.02 target" in text  # 500 steps: branches exact
+    assert "**0.0300**, not within the ±0.02 target" in text  # 750 steps: seed 2 off by 0.03
+    # Steps per seed: dedicated 500 + 750 + 1000 = 2250; stable 1000 + decays 100 + 150 = 1250.
+    assert "dedicated runs train 2250 steps, one stable run and its branches 1250" in text
+    assert "**44% fewer steps**" in text
+    # Wall: dedicated 3 x (300 + 450 + 600) s = 67.5 min; branched 3 x (600 + 60 + 90) = 37.5.
+    assert "dedicated 67.5 min, stable run and branches 37.5 min (44% less)" in text
+    assert "| WSD vs cosine, 1000 steps |" in text
+    assert (out / "curves.png").stat().st_size > 10_000
