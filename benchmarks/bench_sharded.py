@@ -142,7 +142,7 @@ def run_layout(args: argparse.Namespace, layout: Layout, work: Path) -> dict:
     overrides = [
         *SHAPES[args.shape],
         *layout.overrides,
-        f"data.dir={args.data_dir}",
+        f"corpus.dir={args.data_dir}",
         f"data.loader.batch_size={args.batch_size}",
         f"trainer.max_steps={args.steps}",
         f"trainer.val_check_interval={args.steps}",  # validates once, after the timed steps

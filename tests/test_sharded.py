@@ -51,7 +51,7 @@ def train_args(root: Path, out_dir: Path, *overrides: str) -> list[str]:
     """gptlab-train's arguments for a STEPS-step run recording its batches and losses."""
     return [
         *TINY_MODEL,
-        f"data.dir={root / 'data'}",
+        f"corpus.dir={root / 'data'}",
         f"trainer.max_steps={STEPS}",
         f"scheduler.max_steps={STEPS}",  # stays when a resumed leg stops early
         f"trainer.val_check_interval={RESUME_AT}",
@@ -277,7 +277,7 @@ def test_elastic_resume_on_one_then_two_processes_continues_the_uninterrupted_ru
 @pytest.mark.slow
 def test_resume_with_another_global_batch_is_refused_naming_it(tiny_data_dir, tmp_path, llama):
     ckpt = checkpoint(llama["ddp"], f"step{RESUME_AT:06d}-*.ckpt")  # 2 ranks x 4 samples
-    overrides = [*TINY_MODEL, *LLAMA_LIKE, f"data.dir={tiny_data_dir}", f"ckpt_path={ckpt}"]
+    overrides = [*TINY_MODEL, *LLAMA_LIKE, f"corpus.dir={tiny_data_dir}", f"ckpt_path={ckpt}"]
     cfg = compose_config("train", [*overrides, "data.loader.batch_size=4"], tmp_path)
     message = r"global batch \(data.loader.batch_size x data-parallel ranks\) 4 x 2 = 8 -> 4 x 1"
     with pytest.raises(ValueError, match=message):
@@ -337,7 +337,7 @@ def test_muon_under_fsdp2_matches_one_process(root):
     ],
 )
 def test_tensor_parallel_refuses_models_it_cannot_split(tiny_data_dir, tmp_path, override, message):
-    overrides = [*TINY_MODEL, f"data.dir={tiny_data_dir}", "trainer=fsdp_cpu", override]
+    overrides = [*TINY_MODEL, f"corpus.dir={tiny_data_dir}", "trainer=fsdp_cpu", override]
     cfg = compose_config("train", [*overrides, "trainer.strategy.tensor_parallel_size=2"], tmp_path)
     with pytest.raises(ValueError, match=message):
         train(cfg)
