@@ -25,9 +25,9 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from gptlab.finetune.base import FinetuneConfig
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingConfig
-from gptlab.training.finetune import FinetuneConfig
 from gptlab.training.optim import OptimizerConfig, SchedulerConfig
 
 # Keys a config may leave to the run, with the config's default where it differs from the
