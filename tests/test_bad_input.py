@@ -21,7 +21,7 @@ from gptlab.data.shards import read_shard, write_shard
 from gptlab.data.sources import load_documents
 from gptlab.data.tokenizer import MAX_TRAINING_RUN, _bounded_runs, load_tokenizer
 from gptlab.errors import DataError, ShardError
-from tests.conftest import compose_config, small_english_documents, tiny_run
+from tests.kit import compose_config, small_english_documents, tiny_run
 
 FAST = [
     "callbacks.samples=null",

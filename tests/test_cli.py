@@ -9,7 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
-from tests.conftest import TINY_MODEL, small_english_documents
+from tests.kit import TINY_MODEL, small_english_documents
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from gptlab.cli.prepare import prepare as prepare_cli
 from gptlab.data.clean import Cleaning
 from gptlab.data.prepare import JOURNAL_NAME, load_manifest
 from gptlab.data.shards import read_shard
-from tests.conftest import compose_config
+from tests.kit import compose_config
 from tests.test_data_prepare import synthetic_documents
 from tests.test_data_prepare_resume import files_of
 

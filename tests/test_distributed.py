@@ -18,7 +18,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlab.training.checkpoint import load_model
-from tests.conftest import TINY_MODEL
+from tests.kit import TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6

@@ -5,7 +5,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from gptlab.cli.train import train
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import TINY_MODEL, compose_config
 
 
 def hparams_plugin(events, tag):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL
+from tests.kit import TINY_MODEL
 
 MAX_STEPS = 48
 CHECK_EVERY = 6  # validation, hence a checkpoint, every 6 steps

@@ -9,7 +9,7 @@ import torch
 from gptlab.cli.train import train
 from gptlab.training.checkpoint import load_model
 from gptlab.training.optim import SchedulerConfig, lr_factor
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import TINY_MODEL, compose_config
 
 
 def wsd(**kw) -> SchedulerConfig:

@@ -26,7 +26,7 @@ from gptlab.training.speed import (
     fsdp_strategy,
     set_global_batch,
 )
-from tests.conftest import compose_config, tiny_run
+from tests.kit import compose_config, tiny_run
 
 # Short runs: no progress bar, few validation windows, no text samples.
 QUICK = [

@@ -6,7 +6,7 @@ import sys
 
 from experiments.tensorboard_views import render
 from gptlab.cli.train import train
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import TINY_MODEL, compose_config
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
