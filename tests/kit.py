@@ -98,8 +98,8 @@ def finetune_config(tmp_path: Path, tiny_data_dir: Path, experiment: str, *extra
 
 def cpu_trainer(**options) -> L.Trainer:
     """A Lightning Trainer on CPU that logs and prints nothing, for fits built by hand."""
-    quiet = {"accelerator": "cpu", "logger": False, "enable_progress_bar": False}
-    return L.Trainer(**(quiet | {"enable_model_summary": False} | options))
+    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    return L.Trainer(**({"accelerator": "cpu"} | quiet | options))
 
 
 class BatchRecorder(L.Callback):
