@@ -53,10 +53,8 @@ def write_job(
 ) -> None:
     """A sweep job folder as gptlab-train -m leaves it: overrides, config, events, checkpoint."""
     job = sweep / str(num)
-    (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text(
-        f"- model/position={position}\n- seed={seed}\n- experiment=position_ablation\n"
-    )
+    overrides = [f"model/position={position}", f"seed={seed}", "experiment=position_ablation"]
+    write_run_folder(job, overrides)
     (job / ".hydra" / "config.yaml").write_text(f"data:\n  loader:\n    data_dir: {data_dir}\n")
     writer = SummaryWriter(str(job / "tensorboard"))
     for i, loss in enumerate(val_losses):
