@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------- the tiny model
 
-# A model a step of which takes milliseconds on 2 cores. Four heads, so that grouped-query
+# A model small enough that a step takes milliseconds on 2 cores. Four heads, so that grouped-query
 # attention (2 KV heads) and per-head statistics have heads to group.
 TINY = {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 4, "n_embd": 32}
 
