@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from experiments.ablations.task_scores import (
@@ -18,8 +17,7 @@ from experiments.ablations.task_scores import (
     within_noise,
 )
 from gptlab.data.prepare import load_manifest
-from gptlab.model import GPT, GPTConfig
-from tests.conftest import write_checkpoint
+from tests.kit import tiny_gpt, write_checkpoint, write_run_folder
 
 
 def test_spearman_of_hand_rankings():
@@ -49,14 +47,10 @@ def test_a_sweep_is_scored_per_variant_and_seed(tiny_data_dir, tmp_path):
     tokenizer_json = (tiny_data_dir / "tokenizer.json").read_text()
     for job, (width, seed) in enumerate([(16, 1), (16, 2), (32, 1), (32, 2)]):
         job_dir = tmp_path / str(job)
-        (job_dir / ".hydra").mkdir(parents=True)
-        (job_dir / ".hydra" / "overrides.yaml").write_text(
-            f"- model.n_embd={width}\n- seed={seed}\n"
-        )
+        write_run_folder(job_dir, [f"model.n_embd={width}", f"seed={seed}"])
         with SummaryWriter(job_dir / "tensorboard") as writer:
             writer.add_scalar("loss/val", 5.0 + width / 100 + seed / 1000, 10)
-        torch.manual_seed(seed)
-        model = GPT(GPTConfig(vocab_size=vocab, block_size=32, n_layer=1, n_head=2, n_embd=width))
+        model = tiny_gpt(seed, vocab_size=vocab, block_size=32, n_embd=width)
         (job_dir / "checkpoints").mkdir()
         write_checkpoint(
             job_dir / "checkpoints" / "last.ckpt", model, tokenizer_json, tiny_data_dir

@@ -4,7 +4,6 @@ intervals, the optimum over a grid) against scipy, numpy and hand computations."
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -36,10 +35,12 @@ from gptlab.analysis import (
     welch,
 )
 from gptlab.data.datamodule import GPTDataModule
-from gptlab.model import GPT, GPTConfig
 from gptlab.training.lit_gpt import next_token_loss
+from tests.kit import TINY, tiny_config, tiny_gpt, write_checkpoint, write_run_folder
 
-TINY = dict(vocab_size=512, block_size=16, n_layer=1, n_head=2, n_embd=16)
+# One layer of width 16 on the tiny data's vocabulary: the parameter counts in the table below
+# are worked out for it.
+ONE_LAYER = {"vocab_size": 512, "n_layer": 1, "n_head": 2, "n_embd": 16}
 
 
 def write_job(
@@ -52,10 +53,8 @@ def write_job(
 ) -> None:
     """A sweep job folder as gptlab-train -m leaves it: overrides, config, events, checkpoint."""
     job = sweep / str(num)
-    (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text(
-        f"- model/position={position}\n- seed={seed}\n- experiment=position_ablation\n"
-    )
+    overrides = [f"model/position={position}", f"seed={seed}", "experiment=position_ablation"]
+    write_run_folder(job, overrides)
     (job / ".hydra" / "config.yaml").write_text(f"data:\n  loader:\n    data_dir: {data_dir}\n")
     writer = SummaryWriter(str(job / "tensorboard"))
     for i, loss in enumerate(val_losses):
@@ -66,14 +65,9 @@ def write_job(
         writer.add_scalar(f"model/attention_sink/layer_{layer}", sink, 30)
         writer.add_scalar(f"model/attention_entropy/layer_{layer}", 1.0 + layer, 30)
     writer.close()
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**TINY, position=position))
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    model = tiny_gpt(seed, **ONE_LAYER, position=position)
     (job / "checkpoints").mkdir()
-    torch.save(
-        {"hyper_parameters": {"model": model.config.to_dict()}, "state_dict": state},
-        job / "checkpoints" / "last.ckpt",
-    )
+    write_checkpoint(job / "checkpoints" / "last.ckpt", model, tokenizer_json=None)
 
 
 def test_table_and_plot_of_a_sweep(tmp_path):
@@ -93,8 +87,9 @@ def test_table_and_plot_of_a_sweep(tmp_path):
     assert rope.tokens_per_sec == pytest.approx((1500.0, 707.1), abs=0.1)
     assert rope.curve == {10: [5.0, 5.0], 20: pytest.approx([3.0, 3.2])}
     assert (rope.sink, rope.entropy) == (pytest.approx(0.3), pytest.approx(1.5))
-    assert rope.params == count_params(GPTConfig(**TINY, position="rope"))
-    assert learned.params == rope.params + TINY["block_size"] * TINY["n_embd"]
+    rope_config = tiny_config(**ONE_LAYER, position="rope")
+    assert rope.params == count_params(rope_config)
+    assert learned.params == rope.params + rope_config.block_size * rope_config.n_embd
     table = (tmp_path / "out" / "position_ablation.md").read_text()
     rope_row = "| rope | 11,504 | 3.100 ± 0.141 (n=2) | +0.000 | – | 1,500 ± 707 | 1.50 | 0.300 |"
     assert rope_row in table
@@ -105,8 +100,7 @@ def test_table_and_plot_of_a_sweep(tmp_path):
 
 
 def test_loss_by_position_averages_to_the_mean_loss(tiny_data_dir):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY, position="alibi")).eval()
+    model = tiny_gpt(**ONE_LAYER, position="alibi")
     batches = list(GPTDataModule(tiny_data_dir, 32, batch_size=8, val_windows=36).val_dataloader())
     by_position = loss_by_position(model, batches)
     assert by_position.shape == (32,)
@@ -244,22 +238,11 @@ def test_grid_optimum_at_an_edge_and_its_interval_over_noisy_seeds():
         grid_optimum([0.0, 2.0, 1.0], noisy)
 
 
-def write_run(folder: Path, overrides: list[str], results: dict | None, error: str | None = None):
-    """A run folder as gptlab-train leaves it, without events: overrides, and results.json or
-    error.txt if it finished or failed."""
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    if results is not None:
-        (folder / "results.json").write_text(json.dumps(results))
-    if error is not None:
-        (folder / "error.txt").write_text(error + "\n")
-
-
 def test_load_runs_reads_sweep_jobs_and_single_runs_at_any_depth(tmp_path):
-    write_run(tmp_path / "a" / "2026-01-01" / "0", ["lr=0.1", "seed=1"], {"val_loss": 4.0})
-    write_run(tmp_path / "a" / "2026-01-01" / "1", ["lr=0.1", "seed=2"], None, "diverged")
-    write_run(tmp_path / "b" / "single", ["lr=0.2", "seed=1"], {"val_loss": 3.5})
-    write_run(tmp_path / "b" / "killed", ["lr=0.2", "seed=2"], None)
+    write_run_folder(tmp_path / "a" / "2026-01-01" / "0", ["lr=0.1", "seed=1"], {"val_loss": 4.0})
+    write_run_folder(tmp_path / "a" / "2026-01-01" / "1", ["lr=0.1", "seed=2"], None, "diverged")
+    write_run_folder(tmp_path / "b" / "single", ["lr=0.2", "seed=1"], {"val_loss": 3.5})
+    write_run_folder(tmp_path / "b" / "killed", ["lr=0.2", "seed=2"], None)
     runs = load_runs(tmp_path)
     assert [r.path.relative_to(tmp_path).as_posix() for r in runs] == [
         "a/2026-01-01/0", "a/2026-01-01/1", "b/killed", "b/single",

@@ -5,8 +5,6 @@ expected, before any work is done or anything already written is lost."""
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ from gptlab.data.shards import read_shard, write_shard
 from gptlab.data.sources import load_documents
 from gptlab.data.tokenizer import MAX_TRAINING_RUN, _bounded_runs, load_tokenizer
 from gptlab.errors import DataError, ShardError
-from tests.conftest import compose_config, small_english_documents, tiny_run
+from tests.kit import compose_config, run_script, small_english_documents, tiny_run
 
 FAST = [
     "callbacks.samples=null",
@@ -242,16 +240,10 @@ def test_out_of_range_values(tiny_data_dir, tmp_path, override, error, message):
 # ----------------------------------------------------------------------------- the CLIs
 
 
-def run_cli(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    script = Path(sys.executable).with_name(name)
-    return subprocess.run(
-        [str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_cli_prints_one_line_and_exits_1(tmp_path):
     pattern = corpus(tmp_path, {"empty.txt": ""})
-    proc = run_cli("gptlab-prepare", "corpus=text_files", f"corpus.paths=[{pattern}]", cwd=tmp_path)
+    files = ["corpus=text_files", f"corpus.paths=[{pattern}]"]
+    proc = run_script("gptlab-prepare", *files, cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"gptlab-prepare: error: corpus is empty: source 'files' with paths ['{pattern}'] "
@@ -260,13 +252,13 @@ def test_cli_prints_one_line_and_exits_1(tmp_path):
 
     missing = tmp_path / "missing"
     for tool in ("gptlab-eval", "gptlab-export"):
-        proc = run_cli(tool, f"ckpt_path={missing}.ckpt", cwd=tmp_path)
+        proc = run_script(tool, f"ckpt_path={missing}.ckpt", cwd=tmp_path, check=False)
         assert proc.returncode == 1 and "Traceback" not in proc.stderr
         assert proc.stderr.strip().splitlines()[-1] == (
             f"{tool}: error: checkpoint {missing}.ckpt does not exist"
         )
 
-    proc = run_cli("gptlab-train", f"corpus.dir={missing}", cwd=tmp_path)
+    proc = run_script("gptlab-train", f"corpus.dir={missing}", cwd=tmp_path, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"gptlab-train: error: data directory {missing} does not exist; run gptlab-prepare first"

@@ -5,24 +5,11 @@ from __future__ import annotations
 import logging
 import re
 import shutil
-import subprocess
 import sys
 import tomllib
 from pathlib import Path
 
-from tests.conftest import TINY_MODEL, small_english_documents
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_script(name: str, *args: str, cwd: Path) -> str:
-    """Run console script `name` from the active environment; fail with its output."""
-    script = Path(sys.executable).with_name(name)
-    proc = subprocess.run(
-        [str(script), *args], cwd=cwd, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc.stdout
+from tests.kit import REPO, TINY_MODEL, run_script, small_english_documents
 
 
 def test_prepare_train_generate_from_the_command_line(tmp_path):
@@ -32,10 +19,10 @@ def test_prepare_train_generate_from_the_command_line(tmp_path):
         (corpus / f"doc{i:03d}.txt").write_text(text, encoding="utf-8")
     data = ["corpus=text_files", f"corpus.paths=[{corpus}/*.txt]", "tokenizer.vocab_size=400"]
 
-    out = run_script("gptlab-prepare", *data, cwd=tmp_path)
+    out = run_script("gptlab-prepare", *data, cwd=tmp_path).stdout
     assert "unigram entropy" in out
     assert (tmp_path / "data" / "text_files-bpe400" / "manifest.json").is_file()
-    assert "already prepared" in run_script("gptlab-prepare", *data, cwd=tmp_path)
+    assert "already prepared" in run_script("gptlab-prepare", *data, cwd=tmp_path).stdout
 
     train_args = [
         *data,
@@ -43,14 +30,15 @@ def test_prepare_train_generate_from_the_command_line(tmp_path):
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "scheduler.warmup_steps=1",
+        "trainer.enable_progress_bar=false",
     ]
-    out = run_script("gptlab-train", *train_args, "trainer.enable_progress_bar=false", cwd=tmp_path)
+    out = run_script("gptlab-train", *train_args, cwd=tmp_path).stdout
     assert "val loss" in out and "unigram entropy" in out
     runs = list((tmp_path / "logs" / "train" / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "last.ckpt").is_file()
     assert (runs[0] / ".hydra" / "config.yaml").is_file()
 
-    out = run_script("gptlab-generate", "prompt=The", "max_new_tokens=5", cwd=tmp_path)
+    out = run_script("gptlab-generate", "prompt=The", "max_new_tokens=5", cwd=tmp_path).stdout
     assert out.startswith("The")
 
 
@@ -81,18 +69,14 @@ NOTICES = (
 
 
 def test_train_console_shows_no_lightning_notices(tiny_data_dir, tmp_path):
-    script = Path(sys.executable).with_name("gptlab-train")
     args = [
         *TINY_MODEL,
         f"corpus.dir={tiny_data_dir}",
         "debug=fast_dev_run",
         "callbacks.samples=null",
     ]
-    proc = subprocess.run(
-        [str(script), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    proc = run_script("gptlab-train", *args, cwd=tmp_path)
     console = proc.stdout + proc.stderr
-    assert proc.returncode == 0, console
     assert "val loss" in console  # gptlab's own lines still print
     for notice in NOTICES:
         assert notice not in console

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from gptlab.finetune.base import FinetuneConfig
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingConfig
 from gptlab.training.optim import OptimizerConfig, SchedulerConfig
+from tests.kit import run_script
 
 BEFORE = json.loads((Path(__file__).parent / "fixtures" / "configs_before_split.json").read_text())
 FINETUNING = {"train/experiment_sft", "train/experiment_classify"}
@@ -216,13 +215,8 @@ def test_the_readme_table_lists_each_moved_override():
 
 
 @pytest.mark.slow
-def test_gptlab_train_stops_an_old_override_with_one_line():
-    result = subprocess.run(
-        [sys.executable, "-m", "gptlab.cli.train", "model/attention=mqa"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_gptlab_train_stops_an_old_override_with_one_line(tmp_path):
+    result = run_script("gptlab-train", "model/attention=mqa", cwd=tmp_path, check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         "gptlab-train: error: model/attention=mqa is now model.n_kv_heads=1 (the attention group "

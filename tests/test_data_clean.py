@@ -10,7 +10,7 @@ import pytest
 from gptlab.data.clean import DigestSet, DocumentSplit
 from gptlab.data.prepare import prepare_dataset
 from gptlab.data.sources import Source, task_part
-from tests.test_data_prepare import synthetic_documents
+from tests.kit import synthetic_documents
 
 TEXT = "intro line\n\n= One =\nfirst\r\n  \r\nbody\n\n\n= Two =\nsecond\n\n"
 

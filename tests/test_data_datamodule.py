@@ -1,3 +1,6 @@
+"""GPTDataModule: random windows of the token stream, ranks, seeds, a fixed validation set, and
+exact resume of the batch sequence through a Trainer."""
+
 import random
 import shutil
 
@@ -10,9 +13,9 @@ from gptlab.data.datamodule import GPTDataModule, TrainBatches, ValBatches, samp
 from gptlab.data.prepare import prepare_dataset
 from gptlab.data.shards import read_shard
 from gptlab.errors import DataError, ShardError
+from tests.kit import WORDS, cpu_trainer
 
 BLOCK = 16
-WORDS = ["the", "a", "model", "token", "data", "loss", "batch", "learns", "next", "word", "shard"]
 
 
 @pytest.fixture(scope="module")
@@ -232,14 +235,10 @@ def _fit(data_dir, max_steps, ckpt_dir, ckpt_path=None, **trainer_options):
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         ckpt_dir, every_n_train_steps=2, save_top_k=-1
     )
-    trainer = L.Trainer(
+    trainer = cpu_trainer(
         max_steps=max_steps,
         val_check_interval=2,
         check_val_every_n_epoch=None,
-        accelerator="cpu",
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[checkpoints],
         **trainer_options,
     )

@@ -1,3 +1,6 @@
+"""gptlab-prepare's output: the manifest, the hash split, shards and tokenizer, exact
+duplicates, end-of-text handling, and refusals of bad input."""
+
 import hashlib
 import json
 import math
@@ -6,47 +9,18 @@ import random
 import numpy as np
 import pytest
 
-from gptlab.data.prepare import load_manifest, prepare_dataset
+from gptlab.data.prepare import load_manifest
 from gptlab.data.shards import read_header, read_shard
 from gptlab.data.tokenizer import EOT_TOKEN, file_sha256, load_tokenizer
 from gptlab.errors import DataError
-
-WORDS = ["the", "a", "model", "token", "data", "loss", "batch", "learns", "next", "word", "shard"]
-
-
-def synthetic_documents(count=300, seed=0):
-    """`count` different documents of random words."""
-    rng = random.Random(seed)
-    return [
-        f"{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 30))) + "."
-        for i in range(count)
-    ]
-
-
-def goes_to_val(doc, val_fraction):
-    """The hash split, written out from its definition: BLAKE2b-64 of the UTF-8 text, read
-    little-endian, below val_fraction of 2^64."""
-    key = int.from_bytes(hashlib.blake2b(doc.encode(), digest_size=8).digest(), "little")
-    return key < val_fraction * 2**64
-
-
-def split_by_hash(docs, val_fraction):
-    return (
-        [d for d in docs if not goes_to_val(d, val_fraction)],
-        [d for d in docs if goes_to_val(d, val_fraction)],
-    )
-
-
-def prepare(docs, out_dir, **kwargs):
-    options = {"vocab_size": 300, "val_fraction": 0.1, "shard_tokens": 1000, "progress": False}
-    return prepare_dataset(docs, out_dir, **(options | kwargs))
+from tests.kit import prepare_small, split_by_hash, synthetic_documents
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     docs = synthetic_documents()
     out_dir = tmp_path_factory.mktemp("prepared")
-    return docs, out_dir, prepare(docs, out_dir, source_description="synthetic")
+    return docs, out_dir, prepare_small(docs, out_dir, source_description="synthetic")
 
 
 def split_stream(out_dir, manifest, split):
@@ -121,7 +95,7 @@ def test_unigram_entropy_of_train_tokens(prepared):
 def test_the_split_of_a_document_does_not_depend_on_its_place(prepared, tmp_path):
     docs, out_dir, manifest = prepared
     shuffled = random.Random(1).sample(docs, len(docs))
-    other = prepare(shuffled, tmp_path, tokenizer_path=str(out_dir / "tokenizer.json"))
+    other = prepare_small(shuffled, tmp_path, tokenizer_path=str(out_dir / "tokenizer.json"))
     tokenizer = load_tokenizer(out_dir / "tokenizer.json")
     val_docs = split_by_hash(shuffled, 0.1)[1]
     expected = [t for doc in val_docs for t in [*tokenizer.encode(doc).ids, manifest["eot_id"]]]
@@ -132,7 +106,7 @@ def test_the_split_of_a_document_does_not_depend_on_its_place(prepared, tmp_path
 def test_a_small_corpus_is_split_by_position(tmp_path):
     """nanoGPT's split: the last val_fraction of the text is val, cut mid-document."""
     text = "\n\n".join(synthetic_documents(40))  # one file holding the whole corpus
-    manifest = prepare([text], tmp_path, val_fraction=0.1)
+    manifest = prepare_small([text], tmp_path, val_fraction=0.1)
     cut = len(text) - round(0.1 * len(text))
     assert manifest["split"] == {"method": "position", "val_from_char": cut}
     tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
@@ -150,7 +124,7 @@ def test_a_corpus_of_few_documents_sends_every_kth_to_val(tmp_path):
     docs = synthetic_documents(50)
     for i in range(9, 50, 10):
         docs[i] += " zyzzyva zyzzyva zyzzyva zyzzyva"
-    manifest = prepare([*docs, docs[3]], tmp_path)
+    manifest = prepare_small([*docs, docs[3]], tmp_path)
     assert manifest["split"] == {"method": "every_kth_document", "every": 10}
     assert manifest["dropped"] == {"empty": 0, "duplicate": 1}
     tokenizer = load_tokenizer(tmp_path / "tokenizer.json")
@@ -168,7 +142,7 @@ def test_tokenizer_sample_is_the_first_train_bytes(tmp_path):
     train_docs = split_by_hash(docs, 0.1)[0]
     late = [i for i, d in enumerate(docs) if d == train_docs[-1]][0]
     docs[late] += " zyzzyva" * 20  # a train document far beyond the sample
-    manifest = prepare(docs, tmp_path, train_bytes=2000)
+    manifest = prepare_small(docs, tmp_path, train_bytes=2000)
     sample = manifest["tokenizer"]["sample"]
     assert sample["bytes"] == 2000
     sizes = np.cumsum([len(d.encode()) for d in train_docs])
@@ -180,25 +154,27 @@ def test_tokenizer_sample_is_the_first_train_bytes(tmp_path):
 def test_duplicates_are_dropped_and_counted(tmp_path):
     docs = synthetic_documents(200)
     with_copies = [docs[0], *docs, docs[5], docs[7], docs[5]]
-    manifest = prepare(with_copies, tmp_path, tokenizer_path=None)
-    reference = prepare(docs, tmp_path / "ref")
+    manifest = prepare_small(with_copies, tmp_path, tokenizer_path=None)
+    reference = prepare_small(docs, tmp_path / "ref")
     assert manifest["dropped"] == {"empty": 0, "duplicate": 4}
     assert manifest["splits"] == reference["splits"]
 
 
 def test_literal_eot_text_does_not_split_documents(tmp_path):
     docs = [f"{i} before {EOT_TOKEN} after" for i in range(10)] + synthetic_documents(10)
-    manifest = prepare(docs, tmp_path, val_fraction=0.5)
+    manifest = prepare_small(docs, tmp_path, val_fraction=0.5)
     train = split_stream(tmp_path, manifest, "train")
     assert (train == manifest["eot_id"]).sum() == manifest["splits"]["train"]["documents"]
 
 
 def test_given_tokenizer_is_copied_and_rerun_removes_stale_shards(prepared, tmp_path):
     _, source_dir, source_manifest = prepared
-    first = prepare(synthetic_documents(), tmp_path, shard_tokens=500)
+    first = prepare_small(synthetic_documents(), tmp_path, shard_tokens=500)
     assert len(first["splits"]["train"]["shards"]) > 2
     given = str(source_dir / "tokenizer.json")
-    manifest = prepare(synthetic_documents(40), tmp_path, tokenizer_path=given, vocab_size=999)
+    manifest = prepare_small(
+        synthetic_documents(40), tmp_path, tokenizer_path=given, vocab_size=999
+    )
     assert manifest["tokenizer"]["sha256"] == source_manifest["tokenizer"]["sha256"]
     assert manifest["vocab_size"] == source_manifest["vocab_size"]
     files = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
@@ -210,14 +186,14 @@ def test_out_dir_not_writable_fails_before_work(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(PermissionError, match=r"a_file/data is not writable"):
-        prepare(synthetic_documents(10), blocker / "data")
+        prepare_small(synthetic_documents(10), blocker / "data")
 
 
 def test_too_little_text(tmp_path):
     with pytest.raises(DataError, match="has 1 character, need 2"):
-        prepare(["x"], tmp_path)
+        prepare_small(["x"], tmp_path)
     with pytest.raises(DataError, match="corpus is empty"):
-        prepare([], tmp_path)
+        prepare_small([], tmp_path)
 
 
 def test_load_manifest_errors(prepared, tmp_path):

@@ -7,7 +7,7 @@ from gptlab.data import prepare as prepare_module
 from gptlab.data.prepare import JOURNAL_NAME, MANIFEST_NAME
 from gptlab.data.shards import ShardBuilder, read_shard
 from gptlab.data.tokenizer import load_tokenizer, unk_id
-from tests.test_data_prepare import goes_to_val, prepare, split_by_hash, synthetic_documents
+from tests.kit import files_of, goes_to_val, prepare_small, split_by_hash, synthetic_documents
 
 DOCS = synthetic_documents(300)
 FINISH = ShardBuilder.finish
@@ -16,7 +16,7 @@ FINISH = ShardBuilder.finish
 def run(docs, out_dir, **options):
     """prepare with shards small enough that the val split has several, and batches small
     enough that a shard takes several."""
-    return prepare(docs, out_dir, **({"shard_tokens": 300, "batch_chars": 500} | options))
+    return prepare_small(docs, out_dir, **({"shard_tokens": 300, "batch_chars": 500} | options))
 
 
 class Interrupted(Exception):
@@ -28,12 +28,6 @@ def reference(tmp_path_factory):
     """An uninterrupted run: what every resumed run must reproduce byte for byte."""
     out = tmp_path_factory.mktemp("reference")
     return out, run(DOCS, out)
-
-
-def files_of(directory):
-    return {
-        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
-    }
 
 
 def interrupt_after(monkeypatch, shards):
@@ -136,7 +130,7 @@ def test_coverage_counts_unknown_tokens(tmp_path):
     docs = synthetic_documents(300)
     i = next(i for i, doc in enumerate(docs) if goes_to_val(doc + " ζζζ", 0.1))
     docs[i] += " ζζζ"  # a val document with characters the train split lacks
-    manifest = prepare(docs, tmp_path, tokenizer_kind="char", vocab_size=100)
+    manifest = prepare_small(docs, tmp_path, tokenizer_kind="char", vocab_size=100)
     unknown = unk_id(load_tokenizer(tmp_path / "tokenizer.json"))
     val = manifest["splits"]["val"]
     tokens = np.concatenate([read_shard(tmp_path / s["file"]) for s in val["shards"]])

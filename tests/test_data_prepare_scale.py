@@ -4,8 +4,6 @@ import json
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,11 +14,14 @@ from gptlab.cli.prepare import prepare as prepare_cli
 from gptlab.data.clean import Cleaning
 from gptlab.data.prepare import JOURNAL_NAME, load_manifest
 from gptlab.data.shards import read_shard
-from tests.conftest import compose_config
-from tests.test_data_prepare import synthetic_documents
-from tests.test_data_prepare_resume import files_of
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.kit import (
+    child_env,
+    compose_config,
+    files_of,
+    run_script,
+    start_script,
+    synthetic_documents,
+)
 
 
 def write_corpus(folder, count, seed=0):
@@ -196,14 +197,6 @@ def shards_in(journal):
     return sum(len(split["shards"]) for split in splits.values())
 
 
-KILL_SCRIPT = """
-import sys
-from gptlab.cli.prepare import main
-if __name__ == "__main__":
-    main()
-"""
-
-
 @pytest.mark.slow
 def test_sigkill_mid_encode_with_workers_then_rerun_is_byte_identical(tmp_path):
     pattern = write_corpus(tmp_path / "corpus", 600)
@@ -216,24 +209,13 @@ def test_sigkill_mid_encode_with_workers_then_rerun_is_byte_identical(tmp_path):
         "corpus.batch_chars=2000",
         "tokenizer.vocab_size=300",
     ]
-    script = tmp_path / "run.py"
-    script.write_text(KILL_SCRIPT)
 
-    def command(root):
-        return [sys.executable, str(script), *overrides, f"paths.data_dir={root}/data"]
+    def args(root):
+        return [*overrides, f"paths.data_dir={root}/data"]
 
-    env = os.environ | {"PYTHONPATH": str(REPO)}
-    subprocess.run(
-        command(tmp_path / "ref"), check=True, env=env, capture_output=True, cwd=tmp_path
-    )
-    victim = subprocess.Popen(
-        command(tmp_path / "run"),
-        env=env,
-        cwd=tmp_path,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    run_script("gptlab-prepare", *args(tmp_path / "ref"), cwd=tmp_path)
+    output = tmp_path / "victim.txt"
+    victim = start_script("gptlab-prepare", *args(tmp_path / "run"), cwd=tmp_path, output=output)
     out = single_dir(tmp_path / "run")
     journal = out / JOURNAL_NAME
     deadline = time.monotonic() + 120
@@ -245,9 +227,7 @@ def test_sigkill_mid_encode_with_workers_then_rerun_is_byte_identical(tmp_path):
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
     assert not (out / "manifest.json").exists()
-    subprocess.run(
-        command(tmp_path / "run"), check=True, env=env, capture_output=True, cwd=tmp_path
-    )
+    run_script("gptlab-prepare", *args(tmp_path / "run"), cwd=tmp_path)
     assert files_of(out) == files_of(single_dir(tmp_path / "ref"))
 
 
@@ -266,7 +246,7 @@ def test_peak_memory_stays_far_below_what_holding_the_corpus_took(tmp_path):
         "corpus.num_proc=1",  # everything in one process, which getrusage then measures
         "tokenizer.train_bytes=3000000",
     )
-    peak = measure(command, os.environ | {"PYTHONPATH": str(REPO)})
+    peak = measure(command, child_env())
     manifest = load_manifest(tmp_path / "out")
     assert sum(split["bytes"] for split in manifest["splits"].values()) > 11e6
     assert peak["largest_mb"] < 300, peak

@@ -1,3 +1,6 @@
+"""Token shards (gptlab.data.shards): the header layout, round trips, every corrupt or
+out-of-vocabulary case named, and atomic writes."""
+
 import struct
 
 import numpy as np

@@ -1,3 +1,6 @@
+"""Where documents come from: the built-in corpus, text files, JSON lines, and the cleaning
+every document gets; bad input is named with its file and place."""
+
 import json
 import logging
 import time

@@ -9,7 +9,7 @@ import pytest
 from gptlab.cli.prepare import describe_source, hf_arguments, prepare
 from gptlab.data.sources import Source, iter_hf_dataset, iter_parquet, load_documents
 from gptlab.errors import DataError
-from tests.conftest import compose_config, small_english_documents
+from tests.kit import compose_config, small_english_documents
 
 needs_pyarrow = pytest.mark.skipif(
     importlib.util.find_spec("pyarrow") is None, reason="pyarrow missing: pip install -e '.[dev]'"

@@ -1,3 +1,6 @@
+"""The byte-level BPE tokenizer: its vocabulary, exact round trips, one end-of-text token,
+deterministic training, saving and loading, and clear errors."""
+
 import re
 
 import pytest

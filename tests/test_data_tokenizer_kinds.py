@@ -15,7 +15,7 @@ from gptlab.data.tokenizer import (
     train_tokenizer,
     unk_id,
 )
-from tests.conftest import small_english_documents
+from tests.kit import small_english_documents
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "tokenizer"
 

@@ -11,7 +11,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlab.cli.train import train
-from gptlab.model import GPT, GPTConfig, SDPAttention, record_attention
+from gptlab.model import SDPAttention, record_attention
 from gptlab.training.callbacks.diagnostics import (
     AttentionDiagnosticsCallback,
     attention_entropy,
@@ -19,25 +19,14 @@ from gptlab.training.callbacks.diagnostics import (
     attention_probs,
     summarize,
 )
-from tests.conftest import TINY_MODEL, compose_config
-
-TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
-
-
-def make(**overrides) -> GPT:
-    torch.manual_seed(0)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
-
-
-def tokens(T: int = 12) -> torch.Tensor:
-    return torch.randint(0, TINY["vocab_size"], (2, T), generator=torch.Generator().manual_seed(1))
+from tests.kit import TINY, random_tokens, short_run, tiny_gpt
 
 
 @pytest.mark.parametrize("position", ["learned", "alibi", "rope"])
 @pytest.mark.parametrize("window", [None, 3])
 def test_recorded_probs_are_causal_distributions(position, window):
-    model = make(position=position, sliding_window=window, n_kv_heads=2)
-    idx = tokens()
+    model = tiny_gpt(position=position, sliding_window=window, n_kv_heads=2)
+    idx = random_tokens(12)
     with torch.no_grad():
         plain = model(idx)
         with record_attention(model) as probs:
@@ -59,13 +48,13 @@ def test_recorded_probs_are_causal_distributions(position, window):
 
 
 def test_uniform_attention_has_the_analytic_entropy_and_sink_share():
-    model = make(position="none")
+    model = tiny_gpt(position="none")
     with torch.no_grad():
         for block in model.blocks:  # zero queries: every visible key scores the same
             block.attn.c_attn.weight[: TINY["n_embd"]] = 0
             block.attn.c_attn.bias[: TINY["n_embd"]] = 0
     T = 12
-    probs = attention_probs(model, tokens(T))
+    probs = attention_probs(model, random_tokens(T))
     # Query t sees t + 1 tokens with weight 1 / (t + 1) each; queries 1..T-1 are averaged.
     expected_entropy = sum(math.log(t + 1) for t in range(1, T)) / (T - 1)
     expected_sink = sum(1 / (t + 1) for t in range(1, T)) / (T - 1)
@@ -97,20 +86,12 @@ def test_callback_rejects_bad_settings():
 
 
 def test_callback_logs_per_layer_scalars_and_maps(tiny_data_dir, tmp_path):
-    overrides = [
-        *TINY_MODEL,
-        f"corpus.dir={tiny_data_dir}",
-        "data.loader.batch_size=8",
+    diagnostics = [
         "callbacks=diagnostics",
         "callbacks.attention_diagnostics.every_n_steps=2",
         "callbacks.attention_diagnostics.prompt_tokens=24",
-        "callbacks.samples=null",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-        "trainer.enable_progress_bar=false",
-        "scheduler.warmup_steps=1",
     ]
-    train(compose_config("train", overrides, tmp_path))
+    train(short_run(tiny_data_dir, tmp_path, 3, "data.loader.batch_size=8", *diagnostics))
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
     n_layer, T = 2, 24
     for i in range(n_layer):

@@ -5,48 +5,22 @@ FSDP2 and tensor parallel are tested in test_sharded.py.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlab.training.checkpoint import load_model
-from tests.conftest import TINY_MODEL
+from tests.kit import TINY_MODEL, run_script
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
-
-
-class BatchRecorder(L.Callback):
-    """Saves each rank's training inputs and losses, to compare runs sample for sample."""
-
-    def __init__(self, out_dir: str) -> None:
-        self.out_dir = Path(out_dir)
-        self.inputs: list[torch.Tensor] = []
-        self.losses: list[float] = []
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self.inputs.append(batch[0].clone())
-        self.losses.append(float(outputs["loss"]))
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        record = {"inputs": torch.stack(self.inputs), "losses": torch.tensor(self.losses)}
-        torch.save(record, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
 def run_train(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, str]:
     """Run gptlab-train in its own directory; returns that directory and the output."""
     cwd = tmp_path / name
     cwd.mkdir()
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-    }
     args = [
         *TINY_MODEL,
         f"corpus.dir={tmp_path / 'data'}",
@@ -57,17 +31,12 @@ def run_train(tmp_path: Path, name: str, *overrides: str) -> tuple[Path, str]:
         "scheduler.warmup_steps=2",
         "data.loader.val_windows=64",
         "callbacks.samples.max_new_tokens=4",
-        "+callbacks.recorder._target_=tests.test_distributed.BatchRecorder",
+        "+callbacks.recorder._target_=tests.kit.BatchRecorder",
         f"+callbacks.recorder.out_dir={cwd}",
         *overrides,
     ]
-    script = Path(sys.executable).with_name("gptlab-train")
-    proc = subprocess.run(
-        [str(script), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=180
-    )
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output
-    return cwd, output
+    proc = run_script("gptlab-train", *args, cwd=cwd, timeout=180)
+    return cwd, proc.stdout + proc.stderr
 
 
 @pytest.fixture
@@ -114,13 +83,7 @@ def scalars(run_root: Path, tag: str) -> torch.Tensor:
 def test_multirun_with_lightning_launched_ddp_is_refused(prepared):
     cwd = prepared / "multirun"
     cwd.mkdir()
-    script = Path(sys.executable).with_name("gptlab-train")
-    proc = subprocess.run(
-        [str(script), "-m", "trainer=ddp_cpu", *TINY_MODEL, f"corpus.dir={prepared / 'data'}"],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    args = ["-m", "trainer=ddp_cpu", *TINY_MODEL, f"corpus.dir={prepared / 'data'}"]
+    proc = run_script("gptlab-train", *args, cwd=cwd, timeout=120, check=False)
     assert proc.returncode != 0
     assert "multirun (-m) cannot start 2 DDP processes" in proc.stdout + proc.stderr

@@ -28,9 +28,14 @@ from gptlab.eval.builtin import (
 )
 from gptlab.eval.scoring import encode_pair, loglikelihoods, score_task, task_metrics
 from gptlab.eval.tasks import Example, Task, load_benchmark, read_jsonl_task, write_jsonl_task
-from gptlab.model import GPT, GPTConfig
 from gptlab.training.checkpoint import load_model
-from tests.conftest import TINY_MODEL, compose_config, small_english_documents, write_checkpoint
+from tests.kit import (
+    compose_config,
+    short_run,
+    small_english_documents,
+    tiny_gpt,
+    write_checkpoint,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +43,9 @@ def tokenizer():
     return train_tokenizer(small_english_documents(40), vocab_size=400)
 
 
-def tiny_gpt(vocab_size=400, block_size=24, init_std=0.3, seed=0):
-    torch.manual_seed(seed)
-    # A large init_std makes predictions confident and context-dependent, so a token scored
-    # with the wrong context or position is far off.
-    config = GPTConfig(
-        vocab_size=vocab_size,
-        block_size=block_size,
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        init_std=init_std,
-    )
-    return GPT(config).eval()
+# The tiny model on the tokenizer's vocabulary. A large init_std makes predictions confident and
+# context-dependent, so a token scored with the wrong context or position is far off.
+SCORER = {"vocab_size": 400, "block_size": 24, "init_std": 0.3}
 
 
 # --- scoring --------------------------------------------------------------------------------
@@ -77,7 +72,7 @@ def reference_loglikelihood(model, context, continuation):
 
 
 def test_examples_longer_than_the_context_are_left_out_and_counted(tokenizer, caplog):
-    model = tiny_gpt(block_size=24)
+    model = tiny_gpt(**SCORER)
     short = Example("The value", (" is one", " is two"), 0)
     long = Example("The value", (" is " + "very " * 40 + "long", " is two"), 1)
     task = Task("mixed", "choice", [short, long, short])
@@ -89,7 +84,7 @@ def test_examples_longer_than_the_context_are_left_out_and_counted(tokenizer, ca
 
 
 def test_batched_loglikelihoods_equal_one_sequence_at_a_time(tokenizer):
-    model = tiny_gpt()
+    model = tiny_gpt(**SCORER)
     texts = [
         ("Return the", " square root of x."),
         ("", "Hello world"),  # empty context: end-of-text conditions
@@ -338,10 +333,7 @@ def test_a_random_model_scores_chance_on_the_builtin_tasks(tokenizer):
     more often than the answers, with more tokens per byte, and a random model prefers fewer
     tokens."""
     documents = builtin_corpus()[::10]  # a random model has seen nothing: any text will do
-    torch.manual_seed(0)
-    model = GPT(
-        GPTConfig(vocab_size=400, block_size=128, n_layer=2, n_head=2, n_embd=32, tie_weights=False)
-    ).eval()
+    model = tiny_gpt(vocab_size=400, block_size=128, tie_weights=False)
     # Short contexts keep the test fast; the answer's place in the text does not change.
     cloze = docstring_cloze(documents, context_words=8, min_context_words=4)
     for task in (cloze, last_word(documents)):
@@ -366,9 +358,8 @@ def test_a_random_model_scores_chance_on_the_builtin_tasks(tokenizer):
 
 @pytest.fixture(scope="module")
 def checkpoint(tiny_data_dir, tmp_path_factory):
-    model = tiny_gpt(
-        load_manifest(tiny_data_dir)["vocab_size"], block_size=64
-    )  # room for an 80-byte choice
+    vocab_size = load_manifest(tiny_data_dir)["vocab_size"]
+    model = tiny_gpt(**SCORER | {"vocab_size": vocab_size, "block_size": 64})  # an 80-byte choice
     tokenizer_json = (tiny_data_dir / "tokenizer.json").read_text()
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     return write_checkpoint(path, model, tokenizer_json, data_dir=tiny_data_dir)
@@ -408,21 +399,13 @@ def test_gptlab_eval_refuses_an_unknown_task(checkpoint, tmp_path):
 
 
 def test_eval_tasks_callback_logs_scalars_and_hparams(tiny_data_dir, tmp_path):
-    overrides = [
-        *TINY_MODEL,
-        "model.block_size=64",  # room for an 80-byte choice
-        f"corpus.dir={tiny_data_dir}",
-        "data.loader.batch_size=8",
+    eval_tasks = [
         "callbacks=eval_tasks",
         "callbacks.eval_tasks.every_n_steps=2",
         "callbacks.eval_tasks.max_examples=4",
-        "callbacks.samples=null",
-        "trainer.max_steps=3",
-        "trainer.val_check_interval=3",
-        "trainer.enable_progress_bar=false",
-        "scheduler.warmup_steps=1",
     ]
-    train(compose_config("train", overrides, tmp_path))
+    room = "model.block_size=64"  # for an 80-byte choice
+    train(short_run(tiny_data_dir, tmp_path, 3, room, "data.loader.batch_size=8", *eval_tasks))
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
     for name in ("docstring_cloze/acc", "docstring_cloze/gold_bpb", "last_word/acc"):
         scalars = events.Scalars(f"eval/{name}")

@@ -10,23 +10,16 @@ from gptlab.cli.evaluate import evaluate, score
 from gptlab.data.prepare import load_manifest
 from gptlab.data.tokenizer import load_tokenizer, train_tokenizer
 from gptlab.errors import DataError
-from gptlab.model import GPT, GPTConfig
-from tests.conftest import compose_config, write_checkpoint
+from tests.kit import compose_config, tiny_gpt, write_checkpoint
 
-
-def tiny_model(vocab_size, block_size=8):
-    torch.manual_seed(0)
-    # A large init_std gives confident, context-dependent predictions, so a token scored with
-    # the wrong context would change the result far beyond the tolerance.
-    config = GPTConfig(
-        vocab_size=vocab_size, block_size=block_size, n_layer=1, n_head=2, n_embd=16, init_std=0.3
-    )
-    return GPT(config).eval()
+# A large init_std gives confident, context-dependent predictions, so a token scored with the
+# wrong context would change the result far beyond the tolerance.
+CONFIDENT = {"init_std": 0.3}
 
 
 @pytest.mark.parametrize("length", [2, 9, 19])
 def test_score_matches_a_hand_computation(length):
-    model = tiny_model(vocab_size=50, block_size=8)
+    model = tiny_gpt(vocab_size=50, block_size=8, **CONFIDENT)
     stream = np.random.default_rng(length).integers(0, 50, size=length)
     nats = 0.0
     for t in range(1, length):  # token t, predicted from the tokens before it in its window
@@ -43,7 +36,8 @@ def test_score_matches_a_hand_computation(length):
 @pytest.fixture(scope="module")
 def checkpoint(tiny_data_dir, tmp_path_factory):
     tokenizer_json = (tiny_data_dir / "tokenizer.json").read_text()
-    model = tiny_model(load_manifest(tiny_data_dir)["vocab_size"], block_size=32)
+    vocab_size = load_manifest(tiny_data_dir)["vocab_size"]
+    model = tiny_gpt(vocab_size=vocab_size, block_size=32, **CONFIDENT)
     path = tmp_path_factory.mktemp("ckpt") / "model.ckpt"
     return write_checkpoint(path, model, tokenizer_json, data_dir=tiny_data_dir), model
 
@@ -82,7 +76,7 @@ def test_text_files(checkpoint, tiny_data_dir, tmp_path):
 
 def test_data_with_another_tokenizer_is_refused(tiny_data_dir, tmp_path):
     other = train_tokenizer(["some other text"] * 5, vocab_size=300, kind="char")
-    model = tiny_model(load_manifest(tiny_data_dir)["vocab_size"])
+    model = tiny_gpt(vocab_size=load_manifest(tiny_data_dir)["vocab_size"])
     path = write_checkpoint(tmp_path / "other.ckpt", model, other.to_str())
     with pytest.raises(DataError, match="prepared with another tokenizer"):
         evaluate(eval_config(tmp_path, path, f"data_dir={tiny_data_dir}"))

@@ -14,7 +14,7 @@ from gptlab.cli import CONFIG_DIR
 from gptlab.cli.train import train
 from gptlab.model import GPTConfig
 from gptlab.scaling.plan import ScalingConfig, model_shape
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import TINY_MODEL, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 

@@ -8,8 +8,7 @@ import torch
 from gptlab.cli.export import export
 from gptlab.data.tokenizer import EOT_TOKEN, TOKENIZER_KINDS, train_tokenizer, unk_id
 from gptlab.hf_export import export_to_hf, hf_architecture
-from gptlab.model import GPT, GPTConfig
-from tests.conftest import compose_config, small_english_documents, write_checkpoint
+from tests.kit import compose_config, small_english_documents, tiny_gpt, write_checkpoint
 
 needs_transformers = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None,
@@ -31,14 +30,9 @@ def tokenizer():
     return train_tokenizer(small_english_documents(10), vocab_size=300)
 
 
-def tiny_gpt(**variant):
-    torch.manual_seed(0)
-    # init_std well above the default makes the logits large and input-dependent, so a weight
-    # mapped wrongly shows up far beyond the 1e-4 tolerance.
-    config = GPTConfig(
-        vocab_size=300, block_size=16, n_layer=2, n_head=4, n_embd=32, init_std=0.2, **variant
-    )
-    return GPT(config).eval()
+# The tiny model on the tokenizer's vocabulary. init_std well above the default makes the logits
+# large and input-dependent, so a weight mapped wrongly shows up far beyond the 1e-4 tolerance.
+EXPORTED = {"vocab_size": 300, "init_std": 0.2}
 
 
 @needs_transformers
@@ -67,7 +61,7 @@ def tiny_gpt(**variant):
 def test_transformers_computes_the_same_logits(tmp_path, tokenizer, variant, architecture):
     from transformers import AutoModelForCausalLM
 
-    model = tiny_gpt(**variant)
+    model = tiny_gpt(**EXPORTED | variant)
     out = export_to_hf(model, tokenizer, tmp_path / "hf")
     hf, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     assert type(hf).__name__ == architecture
@@ -99,7 +93,7 @@ def test_every_tokenizer_kind_loads_as_a_fast_tokenizer(tmp_path, kind):
     from transformers import AutoTokenizer
 
     tokenizer = train_tokenizer(small_english_documents(10), vocab_size=300, kind=kind)
-    out = export_to_hf(tiny_gpt(), tokenizer, tmp_path / "hf")
+    out = export_to_hf(tiny_gpt(**EXPORTED), tokenizer, tmp_path / "hf")
     assert sorted(p.name for p in out.iterdir()) == FILES
     hf_tokenizer = AutoTokenizer.from_pretrained(out)
     text = "Return the square root of x.\n\tünïcode 🙂"
@@ -127,7 +121,7 @@ def test_every_tokenizer_kind_loads_as_a_fast_tokenizer(tmp_path, kind):
 )
 def test_no_matching_architecture_is_a_clear_error(variant, in_the_way):
     with pytest.raises(ValueError, match="no Hugging Face transformers architecture") as error:
-        hf_architecture(tiny_gpt(**variant).config)
+        hf_architecture(tiny_gpt(**EXPORTED | variant).config)
     message = str(error.value)
     assert in_the_way in message
     assert "Supported: gpt2: position='learned'" in message and "llama: position='rope'" in message
@@ -141,7 +135,7 @@ def test_export_command(tmp_path, tokenizer, capsys):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     ckpt = write_checkpoint(
-        run / "checkpoints" / "last.ckpt", tiny_gpt(**LLAMA), tokenizer.to_str()
+        run / "checkpoints" / "last.ckpt", tiny_gpt(**EXPORTED | LLAMA), tokenizer.to_str()
     )
     out = export(export_config(tmp_path, ckpt))
     assert out == run / "hf" and sorted(p.name for p in out.iterdir()) == FILES
@@ -155,7 +149,9 @@ def test_export_command(tmp_path, tokenizer, capsys):
 
 
 def test_export_of_an_unsupported_model_writes_nothing(tmp_path, tokenizer):
-    ckpt = write_checkpoint(tmp_path / "m.ckpt", tiny_gpt(position="alibi"), tokenizer.to_str())
+    ckpt = write_checkpoint(
+        tmp_path / "m.ckpt", tiny_gpt(**EXPORTED, position="alibi"), tokenizer.to_str()
+    )
     with pytest.raises(ValueError, match="no Hugging Face transformers architecture"):
         export(export_config(tmp_path, ckpt))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.ckpt"]

@@ -10,7 +10,6 @@ from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -29,11 +28,12 @@ from gptlab.training.build import build_module
 from gptlab.training.callbacks.samples import ResponseSampleCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.lit_gpt import next_token_loss
-from tests.conftest import (
+from tests.kit import (
+    FT_GPT,
     FT_MODEL,
     QUIET,
-    TINY_GPT,
     compose_config,
+    cpu_trainer,
     finetune_config,
     small_english_documents,
 )
@@ -205,7 +205,7 @@ def test_right_padding_changes_nothing_at_real_positions(tokenizer):
     short = len(items[0][0])
     assert short < x.size(1) and (y[0, short:] == IGNORE_INDEX).all()
 
-    lit = LitSFT(TINY_GPT).eval()
+    lit = LitSFT(FT_GPT).eval()
     with torch.no_grad():
         padded = lit.model(x)
         alone = lit.model(x[:1, :short])
@@ -360,22 +360,18 @@ def test_an_accumulated_sft_step_takes_the_mean_over_all_its_response_tokens(
         val_fraction=0.2,
         tokenizer_path=str(tiny_data_dir / "tokenizer.json"),
     )
-    config = GPTConfig(**{**TINY_GPT, "block_size": 256})
+    config = GPTConfig(**{**FT_GPT, "block_size": 256})
     torch.manual_seed(0)
     lit = RecordingSFT(config.to_dict())
     lit.out_dir = tmp_path
     initial = {k: v.clone() for k, v in lit.model.state_dict().items()}
-    trainer = L.Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
         devices=devices,
         strategy="ddp_spawn" if devices > 1 else "auto",
         max_steps=1,
         accumulate_grad_batches=2,
         limit_val_batches=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(lit, datamodule=datamodule)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(devices)]
@@ -443,7 +439,7 @@ def test_lora_sft_trains_adapters_only_and_exports_them_merged(
 
 
 def test_classifier_reads_each_examples_last_real_token():
-    lit = LitClassifier(TINY_GPT, labels=["a", "b", "c"]).eval()
+    lit = LitClassifier(FT_GPT, labels=["a", "b", "c"]).eval()
     long = torch.randint(0, 512, (1, 12))
     short = torch.randint(0, 512, (1, 7))
     batch = torch.cat([long, torch.cat([short, torch.full((1, 5), PAD_ID)], dim=1)])
@@ -456,7 +452,7 @@ def test_classifier_reads_each_examples_last_real_token():
 
 def test_freeze_blocks_and_lora_choose_what_trains():
     def trainable(finetune: dict) -> set[str]:
-        lit = LitClassifier(TINY_GPT, finetune={"task": "classify", **finetune}, labels=["a", "b"])
+        lit = LitClassifier(FT_GPT, finetune={"task": "classify", **finetune}, labels=["a", "b"])
         return {name for name, p in lit.named_parameters() if p.requires_grad}
 
     with_one_frozen = trainable({"freeze_blocks": 1})
@@ -582,7 +578,7 @@ def test_resume_with_other_finetune_settings_is_refused(tiny_data_dir, tmp_path)
 
 
 def test_a_classifier_counts_the_flops_of_its_own_head():
-    lit = LitClassifier(TINY_GPT, labels=["a", "b", "c"])
-    lm = GPT(GPTConfig(**TINY_GPT))
-    head_difference = 3 * 2 * TINY_GPT["n_embd"] * (TINY_GPT["vocab_size"] - 3)
+    lit = LitClassifier(FT_GPT, labels=["a", "b", "c"])
+    lm = GPT(GPTConfig(**FT_GPT))
+    head_difference = 3 * 2 * FT_GPT["n_embd"] * (FT_GPT["vocab_size"] - 3)
     assert lm.flops_per_token() - lit.model.flops_per_token() == head_difference

@@ -14,8 +14,7 @@ from gptlab.data.datamodule import GPTDataModule
 from gptlab.errors import TrainingDivergedError
 from gptlab.training.callbacks.guards import NonFiniteGuard
 from gptlab.training.lit_gpt import LitGPT
-
-MODEL = {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+from tests.kit import TINY, cpu_trainer
 
 
 class PoisonedGPT(LitGPT):
@@ -54,7 +53,7 @@ def fit(data_dir, max_steps, guard, ckpt_dir=None, extra_callbacks=(), devices=1
     L.seed_everything(0)
     dm = GPTDataModule(str(data_dir), block_size=16, batch_size=4, val_windows=4)
     model = PoisonedGPT(
-        model={**MODEL, "vocab_size": dm.vocab_size},
+        model={**TINY, "vocab_size": dm.vocab_size},
         scheduler={"warmup_steps": 1, "max_steps": max_steps},
         **poison,
     )
@@ -65,15 +64,11 @@ def fit(data_dir, max_steps, guard, ckpt_dir=None, extra_callbacks=(), devices=1
                 ckpt_dir, every_n_train_steps=1, save_top_k=-1, save_last=True
             )
         )
-    trainer = L.Trainer(
+    trainer = cpu_trainer(
         max_steps=max_steps,
-        accelerator="cpu",
         strategy="ddp_spawn" if devices > 1 else "auto",
         devices=devices,
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         enable_checkpointing=ckpt_dir is not None,
         callbacks=callbacks,
     )

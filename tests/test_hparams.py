@@ -5,7 +5,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from gptlab.cli.train import train
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import tiny_run
 
 
 def hparams_plugin(events, tag):
@@ -15,8 +15,6 @@ def hparams_plugin(events, tag):
 
 def test_final_metrics_and_hyperparameters_reach_the_hparams_dashboard(tiny_data_dir, tmp_path):
     overrides = [
-        *TINY_MODEL,
-        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=8",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
@@ -27,7 +25,7 @@ def test_final_metrics_and_hyperparameters_reach_the_hparams_dashboard(tiny_data
         "data.loader.val_windows=16",
         "callbacks.model_checkpoint=null",
     ]
-    results = train(compose_config("train", overrides, tmp_path))
+    results = train(tiny_run(tiny_data_dir, tmp_path, *overrides))
     events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
 
     session = hparams_plugin(events, "_hparams_/session_start_info").session_start_info

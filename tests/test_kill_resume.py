@@ -12,7 +12,6 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import torch
 
 from gptlab.training.checkpoint import load_checkpoint
-from tests.conftest import TINY_MODEL
+from tests.kit import TINY_MODEL, start_script
 
 MAX_STEPS = 48
 CHECK_EVERY = 6  # validation, hence a checkpoint, every 6 steps
@@ -56,17 +55,7 @@ def train_args(data_dir: Path, log_dir: Path, run_dir: Path, *extra: str) -> lis
 
 def start(args: list[str], run_dir: Path) -> subprocess.Popen:
     run_dir.mkdir(parents=True)
-    script = Path(sys.executable).with_name("gptlab-train")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Its own session, so a kill reaches every rank, as when a node dies.
-    with open(run_dir / "output.txt", "w") as out:
-        return subprocess.Popen(
-            [str(script), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            start_new_session=True,
-        )
+    return start_script("gptlab-train", *args, cwd=run_dir, output=run_dir / "output.txt")
 
 
 def logged_losses(run_dir: Path) -> dict[int, float]:

@@ -8,14 +8,12 @@ import json
 import sys
 
 import pytest
-import torch
 
 from gptlab.data.tokenizer import train_tokenizer
 from gptlab.eval.scoring import score_task
 from gptlab.eval.tasks import Example, Task, read_jsonl_task, write_jsonl_task
 from gptlab.hf_export import export_to_hf
-from gptlab.model import GPT, GPTConfig
-from tests.conftest import small_english_documents, write_checkpoint
+from tests.kit import small_english_documents, tiny_gpt, write_checkpoint
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("lm_eval") is None or importlib.util.find_spec("transformers") is None,
@@ -29,10 +27,7 @@ def exported(tmp_path_factory):
     """A gptlab checkpoint and its transformers export, of a model whose large init makes
     predictions confident and context-dependent (a wrong token or position shows)."""
     tokenizer = train_tokenizer(small_english_documents(20), vocab_size=320)
-    torch.manual_seed(0)
-    model = GPT(
-        GPTConfig(vocab_size=320, block_size=BLOCK, n_layer=2, n_head=2, n_embd=32, init_std=0.2)
-    ).eval()
+    model = tiny_gpt(vocab_size=320, block_size=BLOCK, init_std=0.2)
     root = tmp_path_factory.mktemp("lm_eval")
     ckpt = write_checkpoint(root / "model.ckpt", model, tokenizer.to_str())
     hf_dir = export_to_hf(model, tokenizer, root / "hf")

@@ -7,23 +7,14 @@ import torch
 from torch import nn
 
 from gptlab.lora import LoRAConfig, LoRALinear, apply_lora, count_parameters, merge_lora
-from gptlab.model import GPT, GPTConfig
-
-
-def tiny_gpt(**overrides) -> GPT:
-    torch.manual_seed(0)
-    config = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32) | overrides
-    return GPT(GPTConfig(**config))
-
-
-def tokens(batch: int = 3, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, 97, (batch, length), generator=torch.Generator().manual_seed(1))
+from gptlab.model import GPT
+from tests.kit import random_tokens, tiny_gpt
 
 
 def train_adapters(model: GPT, steps: int = 5) -> None:
     """A few optimizer steps on the trainable parameters, so the adapters are non-zero."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    x = tokens()
+    x = random_tokens(12, batch=3)
     for _ in range(steps):
         loss = model(x[:, :-1]).flatten(0, 1).logsumexp(-1).mean()  # any differentiable loss
         optimizer.zero_grad()
@@ -33,7 +24,7 @@ def train_adapters(model: GPT, steps: int = 5) -> None:
 
 def test_step_zero_is_exactly_the_base_model_and_only_adapters_train():
     model = tiny_gpt()
-    x = tokens()
+    x = random_tokens(12, batch=3)
     with torch.no_grad():
         base_logits = model(x)
     total = sum(p.numel() for p in model.parameters())
@@ -51,14 +42,14 @@ def test_step_zero_is_exactly_the_base_model_and_only_adapters_train():
 def test_merged_model_matches_the_adapted_model():
     model = tiny_gpt(dropout=0.0)
     with torch.no_grad():
-        base_logits = model(tokens())
+        base_logits = model(random_tokens(12, batch=3))
     apply_lora(model, LoRAConfig(rank=4, alpha=16, dropout=0.1, targets=["*.attn.*", "*.mlp.*"]))
     train_adapters(model)
     model.eval()  # adapter dropout off: the merged model has none
     with torch.no_grad():
-        adapted = model(tokens())
+        adapted = model(random_tokens(12, batch=3))
         merge_lora(model)
-        merged = model(tokens())
+        merged = model(random_tokens(12, batch=3))
 
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
     assert set(model.state_dict()) == set(tiny_gpt().state_dict())  # a plain GPT again

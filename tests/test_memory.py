@@ -23,7 +23,7 @@ from gptlab.training.memory import (
     estimate_memory,
     fitting_overrides,
 )
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import TINY_MODEL, compose_config
 
 SMALL = dict(vocab_size=512, block_size=128, n_layer=2, n_head=4, n_embd=64)
 VARIANTS = [

@@ -20,23 +20,11 @@ from gptlab.model import (
     alibi_slopes,
     register,
 )
+from tests.kit import TINY, random_tokens, tiny_config, tiny_gpt
 
 ATTNS = sorted(ATTENTION_BACKENDS)
 POS = sorted(POSITIONS)
 EXTRAPOLATING = [p for p in POS if p != "learned"]
-TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
-
-
-def make(seed: int = 0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    model = GPT(GPTConfig(**{**TINY, **overrides}))
-    return model.eval()
-
-
-def tokens(T: int = 16, B: int = 2, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, TINY["vocab_size"], (B, T), generator=g)
-
 
 # Attention shapes worth covering everywhere: plain MHA, sliding window, GQA, MQA (+ window).
 ATTN_SHAPES = {
@@ -54,8 +42,8 @@ ATTN_SHAPES = {
 @pytest.mark.parametrize("position", POS)
 @pytest.mark.parametrize("attention", ATTNS)
 def test_causal(attention, position, shape):
-    model = make(attention=attention, position=position, **ATTN_SHAPES[shape])
-    idx = tokens()
+    model = tiny_gpt(attention=attention, position=position, **ATTN_SHAPES[shape])
+    idx = random_tokens()
     t = 7
     changed = idx.clone()
     changed[:, t] = (changed[:, t] + 1) % TINY["vocab_size"]
@@ -70,8 +58,8 @@ def test_causal(attention, position, shape):
 @pytest.mark.parametrize("position", POS)
 def test_sliding_window_never_looks_past_window(attention, position):
     window, t = 4, 10
-    model = make(attention=attention, position=position, n_layer=1, sliding_window=window)
-    idx = tokens()
+    model = tiny_gpt(attention=attention, position=position, n_layer=1, sliding_window=window)
+    idx = random_tokens()
     outside, inside = idx.clone(), idx.clone()
     outside[:, t - window] = (outside[:, t - window] + 1) % TINY["vocab_size"]  # just out of reach
     inside[:, t - window + 1] = (inside[:, t - window + 1] + 1) % TINY["vocab_size"]
@@ -89,12 +77,12 @@ BACKEND_CASES = [(None, None, False), (2, 3, True), (1, None, True), (None, 6, F
 @pytest.mark.parametrize("position", POS)
 def test_backends_agree(position, kv_heads, window, qk_norm):
     kw = dict(position=position, n_kv_heads=kv_heads, sliding_window=window, qk_norm=qk_norm)
-    models = {a: make(attention=a, **kw) for a in ATTNS}
+    models = {a: tiny_gpt(attention=a, **kw) for a in ATTNS}
     reference = models[ATTNS[0]]
     for model in models.values():
         model.load_state_dict(reference.state_dict())
     for T in (5, 16):
-        idx = tokens(T)
+        idx = random_tokens(T)
         with torch.no_grad():
             outs = [m(idx) for m in models.values()]
         for out in outs[1:]:
@@ -126,9 +114,11 @@ def as_multi_head(gqa: GPT) -> GPT:
 def test_grouped_query_attention_equals_mha_with_shared_kv_heads(
     attention, position, kv_heads, window
 ):
-    gqa = make(attention=attention, position=position, n_kv_heads=kv_heads, sliding_window=window)
+    gqa = tiny_gpt(
+        attention=attention, position=position, n_kv_heads=kv_heads, sliding_window=window
+    )
     mha = as_multi_head(gqa)
-    idx = tokens(12)
+    idx = random_tokens(12)
     segments = torch.tensor([[0] * 5 + [1] * 7, [0] * 12])  # a packed row and a whole one
     with torch.no_grad():
         torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=0)
@@ -149,8 +139,8 @@ def test_grouped_query_attention_equals_mha_with_shared_kv_heads(
 @pytest.mark.parametrize("position", POS)
 @pytest.mark.parametrize("attention", ATTNS)
 def test_kv_cache_matches_full_forward(attention, position, shape):
-    model = make(attention=attention, position=position, **ATTN_SHAPES[shape])
-    idx = tokens(16)
+    model = tiny_gpt(attention=attention, position=position, **ATTN_SHAPES[shape])
+    idx = random_tokens(16)
     with torch.no_grad():
         full = model(idx)
         for chunks in ([3] + [1] * 13, [5, 4, 1, 6]):  # prefill then one-by-one; uneven chunks
@@ -164,11 +154,11 @@ def test_kv_cache_matches_full_forward(attention, position, shape):
 
 
 def test_kv_cache_overflow_raises():
-    model = make(position="rope")
+    model = tiny_gpt(position="rope")
     cache = model.new_kv_cache(max_len=8)
-    model(tokens(6), kv_cache=cache)
+    model(random_tokens(6), kv_cache=cache)
     with pytest.raises(ValueError, match="KV cache"):
-        model(tokens(3), kv_cache=cache)
+        model(random_tokens(3), kv_cache=cache)
 
 
 # ----------------------------------------------------------------------------- lengths
@@ -176,25 +166,27 @@ def test_kv_cache_overflow_raises():
 
 @pytest.mark.parametrize("position", EXTRAPOLATING)
 def test_extrapolating_positions_run_past_block_size(position):
-    model = make(position=position)
+    model = tiny_gpt(position=position)
     T = 2 * TINY["block_size"]
     with torch.no_grad():
-        logits = model(tokens(T))
+        logits = model(random_tokens(T))
         cache = model.new_kv_cache(max_len=T)
-        cached = torch.cat([model(tokens(T)[:, :20], cache), model(tokens(T)[:, 20:], cache)], 1)
+        cached = torch.cat(
+            [model(random_tokens(T)[:, :20], cache), model(random_tokens(T)[:, 20:], cache)], 1
+        )
     assert logits.shape == (2, T, TINY["vocab_size"])
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(cached, logits, atol=1e-5, rtol=0)
 
 
 def test_learned_positions_reject_long_sequences():
-    model = make(position="learned")
+    model = tiny_gpt(position="learned")
     with pytest.raises(ValueError, match="block_size=16"):
-        model(tokens(17))
+        model(random_tokens(17))
     cache = model.new_kv_cache(max_len=32)
-    model(tokens(10), kv_cache=cache)
+    model(random_tokens(10), kv_cache=cache)
     with pytest.raises(ValueError, match="block_size"):
-        model(tokens(7), kv_cache=cache)
+        model(random_tokens(7), kv_cache=cache)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -204,8 +196,8 @@ def test_learned_positions_reject_long_sequences():
 @pytest.mark.parametrize("norm", sorted(NORMS))
 @pytest.mark.parametrize("mlp", sorted(MLPS))
 def test_every_block_variant_trains(mlp, norm, placement):
-    model = make(mlp=mlp, norm=norm, norm_placement=placement, dropout=0.1, bias=False).train()
-    idx = tokens()
+    model = tiny_gpt(mlp=mlp, norm=norm, norm_placement=placement, dropout=0.1, bias=False).train()
+    idx = random_tokens()
     logits = model(idx)
     loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), idx[:, 1:].flatten())
     loss.backward()
@@ -215,7 +207,7 @@ def test_every_block_variant_trains(mlp, norm, placement):
 
 
 def test_swiglu_hidden_size_is_two_thirds_rounded_to_64():
-    assert SwiGLUMLP(GPTConfig(**TINY)).c_fc.out_features == 128  # 2/3 * 128 = 85.3 -> 128
+    assert SwiGLUMLP(tiny_config()).c_fc.out_features == 128  # 2/3 * 128 = 85.3 -> 128
     assert SwiGLUMLP(GPTConfig(n_embd=384)).c_fc.out_features == 1024  # 2/3 * 1536 = 1024
 
 
@@ -233,9 +225,9 @@ def test_new_variant_needs_only_registration(monkeypatch):
         def embed(self, x, pos):
             return x + 1.0
 
-    model = make(position="shifted")
+    model = tiny_gpt(position="shifted")
     assert isinstance(model.position, Shifted)
-    assert model(tokens()).shape == (2, 16, 64)
+    assert model(random_tokens()).shape == (2, 16, 64)
 
 
 # ----------------------------------------------------------------------------- config
@@ -267,11 +259,11 @@ def test_new_variant_needs_only_registration(monkeypatch):
 )
 def test_config_rejects_bad_values(overrides, match):
     with pytest.raises(ValueError, match=match):
-        GPTConfig(**{**TINY, **overrides})
+        tiny_config(**overrides)
 
 
 def test_config_dict_round_trip_and_unknown_keys():
-    cfg = GPTConfig(**TINY, position="rope", n_kv_heads=2)
+    cfg = tiny_config(position="rope", n_kv_heads=2)
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"\['n_embed'\].*vocab_size, block_size"):
         GPTConfig.from_dict({**TINY, "n_embed": 32})
@@ -281,7 +273,7 @@ def test_config_dict_round_trip_and_unknown_keys():
 
 
 def test_tied_weights_share_storage_and_are_counted_once():
-    tied, untied = make(), make(tie_weights=False)
+    tied, untied = tiny_gpt(), tiny_gpt(tie_weights=False)
     assert tied.lm_head.weight is tied.wte.weight
     assert tied.lm_head.weight.data_ptr() == tied.wte.weight.data_ptr()
     assert untied.lm_head.weight.data_ptr() != untied.wte.weight.data_ptr()
@@ -294,7 +286,7 @@ def test_tied_weights_share_storage_and_are_counted_once():
 
 def test_num_params_and_flops_hand_computed():
     # d=8, one layer, gelu x4, biases, layernorm, learned positions, tied head.
-    model = make(vocab_size=16, block_size=4, n_layer=1, n_head=2, n_embd=8)
+    model = tiny_gpt(vocab_size=16, block_size=4, n_layer=1, n_head=2, n_embd=8)
     d = 8
     body = (
         2 * d  # norm_1
@@ -316,7 +308,7 @@ def counted_training_flops(model: GPT, B: int = 2, T: int = 12) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     model.train()
-    idx = tokens(T, B)
+    idx = random_tokens(T, B)
     with FlopCounterMode(display=False) as counter:
         model(idx).logsumexp(-1).mean().backward()
     return counter.get_total_flops() / (B * T)
@@ -337,7 +329,7 @@ FINETUNING = {
 )
 def test_flops_per_token_counts_what_a_training_step_computes(variant, finetuning):
     # Eager attention: its QK^T and AV are plain matmuls the counter sees.
-    model = make(attention="eager", **variant)
+    model = tiny_gpt(attention="eager", **variant)
     if finetuning:
         from gptlab.finetune.base import FinetuneConfig, prepare_for_finetuning
 
@@ -380,8 +372,8 @@ def test_small_init_scales_with_width_and_depth():
 
 @pytest.mark.parametrize("position", POS)
 def test_greedy_generate_with_and_without_cache_agree(position):
-    model = make(position=position, sliding_window=6)
-    prompt = tokens(4)
+    model = tiny_gpt(position=position, sliding_window=6)
+    prompt = random_tokens(4)
     n = 20 if position != "learned" else 12  # learned: stays within block_size=16
     cached = model.generate(prompt, n, temperature=0)
     uncached = model.generate(prompt, n, temperature=0, use_cache=False)
@@ -391,8 +383,8 @@ def test_greedy_generate_with_and_without_cache_agree(position):
 
 
 def test_learned_generation_past_block_size_falls_back_to_cropping():
-    model = make()
-    prompt = tokens(10)
+    model = tiny_gpt()
+    prompt = random_tokens(10)
     cached = model.generate(prompt, 20, temperature=0)
     uncached = model.generate(prompt, 20, temperature=0, use_cache=False)
     assert cached.shape == (2, 30)
@@ -400,8 +392,8 @@ def test_learned_generation_past_block_size_falls_back_to_cropping():
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():
-    model = make()
-    prompt = tokens(4)
+    model = tiny_gpt()
+    prompt = random_tokens(4)
     greedy = model.generate(prompt, 10, temperature=0)
     g = torch.Generator().manual_seed(0)
     assert torch.equal(model.generate(prompt, 10, top_k=1, generator=g), greedy)
@@ -411,8 +403,8 @@ def test_top_k_1_and_tiny_top_p_are_greedy():
 
 
 def test_seeded_sampling_is_reproducible():
-    model = make()
-    prompt = tokens(4)
+    model = tiny_gpt()
+    prompt = random_tokens(4)
 
     def run(seed):
         g = torch.Generator().manual_seed(seed)
@@ -423,31 +415,31 @@ def test_seeded_sampling_is_reproducible():
 
 
 def test_stream_yields_each_token():
-    model = make()
-    prompt = tokens(3)
+    model = tiny_gpt()
+    prompt = random_tokens(3)
     streamed = list(model.stream(prompt, 7, temperature=0))
     assert len(streamed) == 7 and all(t.shape == (2,) for t in streamed)
     assert torch.equal(torch.stack(streamed, 1), model.generate(prompt, 7, temperature=0)[:, 3:])
 
 
 def test_eos_stops_generation():
-    model = make()
-    prompt = tokens(3, B=1)
+    model = tiny_gpt()
+    prompt = random_tokens(3, batch=1)
     first = model.generate(prompt, 1, temperature=0)[0, -1].item()
     out = model.generate(prompt, 10, temperature=0, eos_id=first)
     assert out.shape == (1, 4) and out[0, -1].item() == first
     # Batched: a finished row keeps emitting eos until every row is done (or tokens run out).
-    prompt2 = tokens(3, B=2, seed=5)
+    prompt2 = random_tokens(3, batch=2, seed=5)
     eos = model.generate(prompt2, 1, temperature=0)[0, -1].item()
     out = model.generate(prompt2, 10, temperature=0, eos_id=eos)
     assert torch.all(out[0, 3:] == eos)
 
 
 def test_sampling_rejects_bad_arguments():
-    model = make()
+    model = tiny_gpt()
     for kwargs in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=0.0), dict(top_p=1.5)):
         with pytest.raises(ValueError):
-            model.generate(tokens(2), 2, **kwargs)
+            model.generate(random_tokens(2), 2, **kwargs)
 
 
 def test_architecture_differences_ignore_how_a_model_runs_or_was_initialised():
@@ -469,11 +461,13 @@ OTHER_RUN_VALUES = {"dropout": 0.3, "attention": "eager", "init": "small_init", 
 def test_run_only_fields_leave_the_logits_of_loaded_weights_unchanged(field, position):
     """Run-only fields may change on resume and init_from; the weights must mean the same."""
     assert set(OTHER_RUN_VALUES) == GPTConfig.RUN_ONLY_FIELDS
-    trained = make(seed=0, position=position)
+    trained = tiny_gpt(seed=0, position=position)
     with torch.no_grad():  # weights unlike any init, so nothing can hide behind an init value
         for param in trained.parameters():
             param.add_(0.05 * torch.randn_like(param))
-    other = make(seed=1, position=position, **{field: OTHER_RUN_VALUES[field]})
+    other = tiny_gpt(seed=1, position=position, **{field: OTHER_RUN_VALUES[field]})
     other.load_state_dict(trained.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(other(tokens()), trained(tokens()), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            other(random_tokens()), trained(random_tokens()), atol=1e-5, rtol=1e-5
+        )

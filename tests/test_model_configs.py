@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from gptlab.cli import CONFIG_DIR
 from gptlab.model import GPT, GPTConfig
-from tests.conftest import compose_config
+from tests.kit import compose_config
 
 MODEL_DIR = Path(CONFIG_DIR) / "model"
 PRESETS = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))

@@ -20,17 +20,16 @@ from gptlab.finetune.sft import (
     encode,
     pack,
 )
-from gptlab.model import ATTENTION_BACKENDS, GPT, POSITIONS, GPTConfig, segment_positions
-from tests.conftest import TINY_GPT, finetune_config
+from gptlab.model import ATTENTION_BACKENDS, GPT, POSITIONS, segment_positions
+from tests.kit import FT_GPT, TINY, finetune_config, tiny_config, tiny_gpt
 
-TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32, n_kv_heads=2)
 LENGTHS = [5, 3, 7]  # three documents in a row of 16: the last position is padding
 
 
 def packed_row(seed: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
     """Documents (1, n) each, and a row (1, 16) holding them in order, with its segment ids."""
     g = torch.Generator().manual_seed(seed)
-    docs = [torch.randint(0, 64, (1, n), generator=g) for n in LENGTHS]
+    docs = [torch.randint(0, TINY["vocab_size"], (1, n), generator=g) for n in LENGTHS]
     row = torch.cat([*docs, torch.zeros(1, 1, dtype=torch.long)], dim=1)
     segments = torch.tensor([[i for i, n in enumerate(LENGTHS) for _ in range(n)] + [-1]])
     return docs, row, segments
@@ -42,9 +41,7 @@ def packed_row(seed: int) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tenso
 def test_packed_documents_equal_documents_run_alone(attention, position, window):
     """A wrong mask (attending across documents) or wrong positions (not restarting) would change
     every document after the first."""
-    torch.manual_seed(0)
-    config = GPTConfig(**TINY, attention=attention, position=position, sliding_window=window)
-    model = GPT(config).eval()
+    model = tiny_gpt(n_kv_heads=2, attention=attention, position=position, sliding_window=window)
     # Two rows with different layouts: per-row positions and masks must not mix rows.
     docs_a, row_a, seg_a = packed_row(1)
     docs_b, row_b, seg_b = packed_row(2)
@@ -61,7 +58,7 @@ def test_segment_positions_restart_and_segments_are_checked():
     segments = torch.tensor([[7, 7, 7, 2, 2, -1], [0, 1, 1, 1, 1, 1]])
     expected = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 0, 1, 2, 3, 4]])
     assert torch.equal(segment_positions(segments), expected)
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(tiny_config(n_kv_heads=2))
     idx = torch.zeros(2, 6, dtype=torch.long)
     with pytest.raises(ValueError, match="kv_cache"):
         model(idx, model.new_kv_cache(), segments=segments)
@@ -103,7 +100,7 @@ def items(tiny_data_dir):
 
 def test_per_token_loss_is_the_same_packed_or_padded(items):
     items, eot = items
-    lit = LitSFT(TINY_GPT).eval()
+    lit = LitSFT(FT_GPT).eval()
     padded = collate(items, pad_id=eot)
     packed = collate_packed(pack(items, 64), pad_id=eot)
     assert packed[0].size(0) < padded[0].size(0)  # two examples share a row

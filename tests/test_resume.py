@@ -31,9 +31,10 @@ from gptlab.training.checkpoint import (
     write_run_record,
 )
 from gptlab.training.lit_gpt import LitGPT
+from tests.kit import TINY, cpu_trainer
 
 BLOCK = 16
-MODEL = {"block_size": BLOCK, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.1}
+MODEL = TINY | {"block_size": BLOCK, "dropout": 0.1}
 
 
 class DrawingGPT(LitGPT):
@@ -64,13 +65,9 @@ def fit(data_dir, ckpt_dir, max_steps, ckpt_path=None):
     checkpoints = L.pytorch.callbacks.ModelCheckpoint(
         ckpt_dir, filename="{step}", every_n_train_steps=2, save_top_k=-1
     )
-    trainer = L.Trainer(
+    trainer = cpu_trainer(
         max_steps=max_steps,
-        accelerator="cpu",
         limit_val_batches=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         callbacks=[checkpoints],
         plugins=[AtomicCheckpointIO()],
     )
@@ -138,9 +135,9 @@ def test_resume_on_another_world_size_with_the_same_global_batch_continues(
 
 def test_resume_of_another_model_is_refused_before_loading_weights():
     saved = {**MODEL, "vocab_size": 300}
-    model = LitGPT(model={**saved, "n_embd": 32, "dropout": 0.0})
+    model = LitGPT(model={**saved, "n_embd": 64, "dropout": 0.0})
     # dropout may differ, n_embd may not
-    with pytest.raises(ValueError, match="model.n_embd: 32 here, 16 in the checkpoint"):
+    with pytest.raises(ValueError, match="model.n_embd: 64 here, 32 in the checkpoint"):
         model.on_load_checkpoint({"hyper_parameters": {"model": saved}})
     with pytest.raises(ValueError, match="not a gptlab-train checkpoint"):
         model.on_load_checkpoint({"state_dict": {}})

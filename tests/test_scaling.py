@@ -31,7 +31,7 @@ from gptlab.scaling.plan import (
     model_shape,
     plan_run,
 )
-from tests.conftest import compose_config
+from tests.kit import compose_config
 
 # Hoffmann et al.'s fitted constants, and Kaplan et al.'s, as ground truth for synthetic data.
 CHINCHILLA = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)

@@ -9,7 +9,7 @@ import torch
 from gptlab.cli.train import train
 from gptlab.training.checkpoint import load_model
 from gptlab.training.optim import SchedulerConfig, lr_factor
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import tiny_run
 
 
 def wsd(**kw) -> SchedulerConfig:
@@ -55,8 +55,6 @@ def final_weights(checkpoint) -> dict[str, torch.Tensor]:
 
 def test_a_decay_branched_from_a_stable_checkpoint_equals_a_dedicated_run(tiny_data_dir, tmp_path):
     common = [
-        *TINY_MODEL,
-        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=4",
         "scheduler=wsd",
         "scheduler.warmup_steps=2",
@@ -65,14 +63,14 @@ def test_a_decay_branched_from_a_stable_checkpoint_equals_a_dedicated_run(tiny_d
         "trainer.val_check_interval=4",
     ]
     # One long run: stable until step 16, then its own decay.
-    train(compose_config("train", [*common, "trainer.max_steps=20", "scheduler.decay_steps=4"],
-                         tmp_path / "stable"))  # fmt: skip
+    long_run = ["trainer.max_steps=20", "scheduler.decay_steps=4"]
+    train(tiny_run(tiny_data_dir, tmp_path / "stable", *common, *long_run))
     (branch_point,) = (tmp_path / "stable" / "checkpoints").glob("step000008-*.ckpt")
     # A decay of 3 steps branched off its step-8 checkpoint, and a dedicated 11-step run.
     short = ["trainer.max_steps=11", "scheduler.decay_steps=3"]
-    train(compose_config("train", [*common, *short, f"ckpt_path={branch_point}"],
-                         tmp_path / "branch"))  # fmt: skip
-    train(compose_config("train", [*common, *short], tmp_path / "dedicated"))
+    branched = f"ckpt_path={branch_point}"
+    train(tiny_run(tiny_data_dir, tmp_path / "branch", *common, *short, branched))
+    train(tiny_run(tiny_data_dir, tmp_path / "dedicated", *common, *short))
     branch = final_weights(tmp_path / "branch" / "checkpoints" / "last.ckpt")
     dedicated = final_weights(tmp_path / "dedicated" / "checkpoints" / "last.ckpt")
     stable = final_weights(tmp_path / "stable" / "checkpoints" / "last.ckpt")

@@ -12,10 +12,8 @@ module, when a test first asks for it.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,9 +21,8 @@ import torch
 
 from gptlab.cli.train import train
 from gptlab.training.checkpoint import load_model
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import TINY_MODEL, child_env, compose_config, console_script, run_script
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 20
 RESUME_AT = 10  # every run validates, hence checkpoints, at this step
 # fp32 on CPU: the sharded runs reduce gradients in another order, so the weights drift apart by
@@ -62,37 +59,17 @@ def train_args(root: Path, out_dir: Path, *overrides: str) -> list[str]:
         "callbacks.throughput=null",
         "callbacks.lr_monitor=null",
         "logger.tensorboard=null",
-        "+callbacks.recorder._target_=tests.test_distributed.BatchRecorder",
+        "+callbacks.recorder._target_=tests.kit.BatchRecorder",
         f"+callbacks.recorder.out_dir={out_dir}",
         *overrides,
     ]
 
 
-def child_env() -> dict[str, str]:
-    pythonpath = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
-
-
-def launch(root: Path, name: str, *overrides: str, timeout: float = 180):
-    """Run gptlab-train in a new folder `name`; returns the folder and the finished process."""
-    cwd = root / name
-    cwd.mkdir()
-    script = Path(sys.executable).with_name("gptlab-train")
-    proc = subprocess.run(
-        [str(script), *train_args(root, cwd, *overrides)],
-        cwd=cwd,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return cwd, proc
-
-
 def run_train(root: Path, name: str, *overrides: str) -> Path:
     """Run gptlab-train (which must succeed) in a new folder `name`; returns the folder."""
-    cwd, proc = launch(root, name, *overrides)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    cwd = root / name
+    cwd.mkdir()
+    run_script("gptlab-train", *train_args(root, cwd, *overrides), cwd=cwd, timeout=180)
     return cwd
 
 
@@ -121,7 +98,7 @@ def run_on_two_nodes(root: Path, name: str, *overrides: str, timeout: float = 24
     cwd = root / name
     cwd.mkdir()
     torchrun = [
-        str(Path(sys.executable).with_name("torchrun")),
+        console_script("torchrun"),
         "--nnodes=2",
         "--nproc-per-node=1",
         "--rdzv-backend=c10d",

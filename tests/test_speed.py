@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -14,7 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from gptlab.cli.train import train
-from gptlab.model import GPT, GPTConfig
+from gptlab.model import GPT
 from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.lit_gpt import LitGPT, next_token_loss
 from gptlab.training.muon import MuonWithAdamW, hidden_matrices
@@ -25,7 +24,7 @@ from gptlab.training.speed import (
     check_optimizer_strategy,
     set_global_batch,
 )
-from tests.conftest import compose_config, tiny_run
+from tests.kit import TINY, compose_config, cpu_trainer, tiny_config, tiny_run
 
 # Short runs: no progress bar, few validation windows, no text samples.
 QUICK = [
@@ -34,7 +33,6 @@ QUICK = [
     "scheduler.warmup_steps=1",
     "callbacks.samples=null",
 ]
-TINY = {"vocab_size": 64, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
 
 
 def batch(seed: int = 0, size: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,7 +50,7 @@ def test_global_batch_tokens_sets_accumulation():
     with pytest.raises(ValueError, match="global_batch_tokens"):
         accumulation_for_tokens("8192", batch_size=4, block_size=256, world_size=2)
 
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False)
+    trainer = cpu_trainer(devices=1)
     data = SimpleNamespace(batch_size=8, block_size=32)
     set_global_batch(trainer, 1024, data)
     assert trainer.accumulate_grad_batches == 4
@@ -92,7 +90,7 @@ def test_switches_must_be_booleans():
 
 
 def test_muon_takes_hidden_matrices_and_adamw_the_rest():
-    model = GPT(GPTConfig(**TINY, bias=True, tie_weights=False))
+    model = GPT(tiny_config(bias=True, tie_weights=False))
     optimizer = build_optimizer(model, OptimizerConfig(name="muon", lr=0.01))
     assert isinstance(optimizer, MuonWithAdamW)
     muon = {id(p) for g in optimizer.muon.param_groups for p in g["params"]}
@@ -107,7 +105,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest():
 
 def test_muon_with_adamw_steps_both_follows_schedule_and_resumes():
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(tiny_config())
     config = OptimizerConfig(name="muon", lr=0.01)
     optimizer = build_optimizer(model, config)
     schedule = SchedulerConfig(name="linear", warmup_steps=2, max_steps=10)
@@ -130,7 +128,7 @@ def test_muon_with_adamw_steps_both_follows_schedule_and_resumes():
     assert len(optimizer.state) == len(before)  # momentum buffers of both, seen as one
 
     # A copy restored from the state dicts continues exactly like the original.
-    twin = GPT(GPTConfig(**TINY))
+    twin = GPT(tiny_config())
     twin.load_state_dict(model.state_dict())
     twin_optimizer = build_optimizer(twin, config)
     twin_scheduler = build_scheduler(twin_optimizer, schedule)  # Lightning's resume order
@@ -154,7 +152,7 @@ def test_muon_with_adamw_steps_both_follows_schedule_and_resumes():
 
 
 def test_adamw_is_fused_unless_gradients_arrive_scaled():
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(tiny_config())
     assert build_optimizer(model, OptimizerConfig()).defaults["fused"]  # CPU too: the fastest
     scaled = build_optimizer(model, OptimizerConfig(), grad_scaler=True)  # 16-mixed
     assert not scaled.defaults["fused"] and scaled.defaults["foreach"]
@@ -165,7 +163,7 @@ def test_muon_config_is_validated():
         OptimizerConfig(name="muon", muon_lr_adjust="orig")
     with pytest.raises(ValueError, match="muon_momentum"):
         OptimizerConfig(name="muon", muon_momentum=1.0)
-    assert len(hidden_matrices(GPT(GPTConfig(**TINY)))) == 8
+    assert len(hidden_matrices(GPT(tiny_config()))) == 8
 
 
 def test_muon_trains_through_lightning_and_resumes(tiny_data_dir, tmp_path):

@@ -5,7 +5,6 @@ computations."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,18 @@ from experiments.launch import done_settings, products
 from experiments.mup import transfer_analyze
 from experiments.schedules import analyze as schedules_analyze
 from experiments.schedules.run import branch_point, common, shorter_lengths
+from tests.kit import write_run_folder
 
 
-def write_run(folder: Path, overrides: dict, results: dict | None = None, error: str = ""):
-    """A run folder as gptlab-train leaves it: overrides, val losses in TensorBoard, and
-    results.json (finished) or error.txt (failed)."""
-    (folder / ".hydra").mkdir(parents=True)
-    lines = "".join(f"- {k}={v}\n" for k, v in overrides.items())
-    (folder / ".hydra" / "overrides.yaml").write_text(lines)
+def write_run(folder: Path, overrides: dict, results: dict | None = None, error=None):
+    """A run folder as gptlab-train leaves it (write_run_folder), with a finished run's val
+    losses in TensorBoard too."""
+    write_run_folder(folder, [f"{k}={v}" for k, v in overrides.items()], results, error)
     if results is not None:
-        (folder / "results.json").write_text(json.dumps(results))
         writer = SummaryWriter(str(folder / "tensorboard"))
         writer.add_scalar("loss/val", results["val_loss"] + 1, 1)
         writer.add_scalar("loss/val", results["val_loss"], 2)
         writer.close()
-    if error:
-        (folder / "error.txt").write_text(error + "\n")
 
 
 def test_a_rerun_skips_finished_and_failed_runs_only(tmp_path):

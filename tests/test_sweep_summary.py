@@ -4,34 +4,21 @@ metrics or error line, and the swept settings averaged over seeds."""
 from __future__ import annotations
 
 import csv
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from gptlab.cli.sweep import write_summary
-from tests.conftest import TINY_MODEL
-
-
-def fake_job(sweep: Path, number: int, overrides: list[str], results=None, error=None) -> None:
-    job = sweep / str(number)
-    (job / ".hydra").mkdir(parents=True)
-    (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-    if results is not None:
-        (job / "results.json").write_text(json.dumps(results))
-    if error is not None:
-        (job / "error.txt").write_text(error + "\n")
+from tests.kit import TINY_MODEL, run_script, write_run_folder
 
 
 def test_summary_lists_every_job_and_groups_seeds(tmp_path):
     losses = {("1e-3", 1): 4.0, ("1e-3", 2): 4.2, ("3e-3", 1): 3.5, ("3e-3", 2): 3.9}
     for i, ((lr, seed), loss) in enumerate(losses.items()):
         results = {"val_loss": loss, "val_ppl": 2.0, "step": 10, "best_checkpoint": f"c{i}.ckpt"}
-        fake_job(tmp_path, i, ["model.n_layer=1", f"optimizer.lr={lr}", f"seed={seed}"], results)
-    fake_job(tmp_path, 4, ["model.n_layer=1", "optimizer.lr=-1", "seed=1"], error="lr must be > 0")
+        swept = ["model.n_layer=1", f"optimizer.lr={lr}", f"seed={seed}"]
+        write_run_folder(tmp_path / str(i), swept, results)
+    failed = ["model.n_layer=1", "optimizer.lr=-1", "seed=1"]
+    write_run_folder(tmp_path / "4", failed, error="lr must be > 0")
     rows = write_summary(tmp_path)
     assert [r["status"] for r in rows] == ["ok"] * 4 + ["failed: lr must be > 0"]
     table = list(csv.DictReader((tmp_path / "summary.csv").open()))
@@ -49,14 +36,13 @@ def test_summary_lists_every_job_and_groups_seeds(tmp_path):
 
 @pytest.mark.slow
 def test_a_real_sweep_runs_past_a_failed_job_and_prints_its_summary(tiny_data_dir, tmp_path):
-    command = [
-        sys.executable, "-m", "gptlab.cli.train", "-m", *TINY_MODEL,
+    args = [
+        "-m", *TINY_MODEL,
         f"corpus.dir={tiny_data_dir}", "data.loader.batch_size=4", "trainer.max_steps=4",
         "trainer.val_check_interval=2", "scheduler.warmup_steps=1", "callbacks.samples=null",
         "optimizer.lr=1e-3,-1",
     ]  # fmt: skip
-    env = {**os.environ, "GPTLAB_ROOT": str(tmp_path)}
-    out = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    out = run_script("gptlab-train", *args, cwd=tmp_path, check=False, GPTLAB_ROOT=str(tmp_path))
     assert out.returncode == 1, out.stderr[-2000:]
     assert "1 of 2 jobs failed" in out.stderr
     assert "| 0 | `optimizer.lr=0.001` |" in out.stdout

@@ -6,15 +6,13 @@ import sys
 
 from experiments.tensorboard_views import render
 from gptlab.cli.train import train
-from tests.conftest import TINY_MODEL, compose_config
+from tests.kit import tiny_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def test_render_writes_curves_attention_maps_and_samples(tiny_data_dir, tmp_path, monkeypatch):
     overrides = [
-        *TINY_MODEL,
-        f"corpus.dir={tiny_data_dir}",
         "data.loader.batch_size=8",
         "callbacks=diagnostics",
         "callbacks.attention_diagnostics.prompt_tokens=16",
@@ -27,7 +25,7 @@ def test_render_writes_curves_attention_maps_and_samples(tiny_data_dir, tmp_path
         "scheduler.warmup_steps=1",
     ]
     run_dir, out = tmp_path / "run", tmp_path / "views"
-    train(compose_config("train", overrides, run_dir))
+    train(tiny_run(tiny_data_dir, run_dir, *overrides))
     monkeypatch.setattr(sys, "argv", ["render.py", str(run_dir), str(out)])
     render.main()
 

@@ -10,15 +10,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from gptlab.model import GPT, GPTConfig
+from gptlab.model import GPT
 from gptlab.training.callbacks import throughput
 from gptlab.training.callbacks.throughput import (
     ThroughputCallback,
     measured_cpu_peak,
     precision_dtype,
 )
-
-TINY = dict(vocab_size=64, block_size=16, n_layer=2, n_head=4, n_embd=32)
+from tests.kit import tiny_config
 
 
 @pytest.mark.parametrize(
@@ -49,7 +48,7 @@ def drive(callback: ThroughputCallback, batches: list[torch.Tensor], seconds: fl
     """Feed `batches` through the callback's hooks, each training batch taking `seconds`."""
     clock = Clock()
     monkeypatch.setattr(throughput.time, "perf_counter", clock)
-    model = GPT(GPTConfig(**TINY))
+    model = GPT(tiny_config())
     logged: dict[str, float] = {}
     module = SimpleNamespace(
         model=model, device=torch.device("cpu"), log=lambda k, v: logged.__setitem__(k, v)

@@ -17,7 +17,7 @@ from gptlab.training.build import plain
 from gptlab.training.callbacks.samples import SampleGenerationCallback
 from gptlab.training.checkpoint import load_checkpoint, load_model
 from gptlab.training.optim import SchedulerConfig, lr_factor
-from tests.conftest import tiny_run
+from tests.kit import tiny_run
 
 
 def test_fast_dev_run_through_hydra(tiny_data_dir, tmp_path):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gptlab.errors import ERROR_FILE
 from gptlab.model import GPT, GPTConfig
 from gptlab.training.checkpoint import load_checkpoint
 from gptlab.training.optim import OptimizerConfig, build_adamw
@@ -38,10 +39,7 @@ from gptlab.training.tensorboard import current_tag
 
 Scalars = dict[str, list[tuple[int, float]]]  # tag -> [(step, value), ...]
 
-# The files a run folder may hold besides its logs: gptlab-train writes the final metrics, a sweep
-# job that stopped on a user error writes that error (gptlab.cli.errors).
-RESULTS_FILE = "results.json"
-ERROR_FILE = "error.txt"
+RESULTS_FILE = "results.json"  # in a run folder: the final metrics gptlab-train writes
 
 
 @dataclass

@@ -42,3 +42,4 @@ class TrainingDivergedError(FloatingPointError):
 # (TrainingDivergedError), and errors raised while Hydra builds a `_target_` (the datamodule,
 # Trainer, callbacks, loggers).
 USER_ERRORS = (ValueError, OSError, FloatingPointError, InstantiationException)
+ERROR_FILE = "error.txt"  # in a sweep job's folder: the error that stopped it

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from hydra.errors import InstantiationException
 
-from gptlab.analysis import ERROR_FILE
-from gptlab.errors import USER_ERRORS
+from gptlab.errors import ERROR_FILE, USER_ERRORS
 from gptlab.fileio import atomic_write_text
 
 

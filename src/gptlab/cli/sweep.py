@@ -22,13 +22,13 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
 from gptlab.analysis import (
-    ERROR_FILE,
     RESULTS_FILE,
     compare_seeds,
     job_dirs,
     job_overrides,
     mean_std,
 )
+from gptlab.errors import ERROR_FILE
 from gptlab.fileio import atomic_write_text
 
 METRICS = ("val_loss", "val_ppl", "val_acc", "step", "tokens_per_sec", "wall_time_s")
