@@ -37,10 +37,8 @@ The data is the built-in corpus, prepared on first use (as bench_train.py does).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -51,7 +49,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from bench_train import ensure_data, log, machine, table
+from bench_train import ensure_data, log, report_header, table
 from torch.distributed.tensor import DTensor
 
 BENCHMARKS = Path(__file__).resolve().parent
@@ -232,15 +230,9 @@ def main() -> None:
             for layout in layouts(args):
                 log(f"round {repeat + 1}/{args.repeats}: {layout.name}")
                 results[layout.name].append(run_layout(args, layout, Path(work)))
+    gpu = torch.cuda.get_device_name() if args.device == "cuda" else None
     report = [
-        f"# Sharded training benchmark ({args.device})",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {machine()}"
-        + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""),
-        f"- torch {torch.__version__}, lightning {L.__version__}, "
-        f"python {platform.python_version()}",
-        f"- command: `python {' '.join(sys.argv)}`",
+        *report_header(f"Sharded training benchmark ({args.device})", gpu),
         f"- shape {args.shape} ({' '.join(SHAPES[args.shape])}), {args.batch_size} sequences "
         f"per data-parallel rank, {args.steps} steps per run, median of {args.repeats} rounds",
         f"- load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",

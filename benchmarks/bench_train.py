@@ -341,6 +341,19 @@ def machine() -> str:
     return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
+def report_header(title: str, gpu_name: str | None) -> list[str]:
+    """A benchmark report's title and the lines saying when, on what and how it was run."""
+    return [
+        f"# {title}",
+        "",
+        f"- date: {datetime.date.today().isoformat()}",
+        f"- machine: {machine()}" + (f", {gpu_name}" if gpu_name else ""),
+        f"- torch {torch.__version__}, lightning {L.__version__}, "
+        f"python {platform.python_version()}, {torch.get_num_threads()} torch threads",
+        f"- command: `python {' '.join(sys.argv)}`",
+    ]
+
+
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -403,15 +416,9 @@ def main() -> None:
     log(f"peak {peak:.3g} FLOP/s ({source}, {dtype})")
     results = [compare_paths(args, name, peak, device) for name in args.shapes]
 
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     report = [
-        f"# gptlab training benchmark ({args.device})",
-        "",
-        f"- date: {datetime.date.today().isoformat()}",
-        f"- machine: {machine()}"
-        + (f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""),
-        f"- torch {torch.__version__}, lightning {L.__version__}, "
-        f"python {platform.python_version()}, {torch.get_num_threads()} torch threads",
-        f"- command: `python {' '.join(sys.argv)}`",
+        *report_header(f"gptlab training benchmark ({args.device})", gpu),
         f"- precision {args.precision}, compile {args.compile}; MFU peak {peak:.3g} FLOP/s "
         f"({source}, {dtype}){spec_sheet(device, dtype)}",
         f"- load average (1 min) before / after: {load_before[0]:.1f} / {os.getloadavg()[0]:.1f}",

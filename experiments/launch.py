@@ -11,6 +11,7 @@ so delete a failed run's folder to retry it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import subprocess
@@ -23,6 +24,18 @@ from gptlab.analysis import load_runs
 
 # Each sweep or run gets a folder of its own, stamped with its start: a rerun never reuses one.
 STAMP = "${now:%Y-%m-%d_%H-%M-%S}"
+
+
+def analysis_arguments(
+    description: str, steps: int, out_dir: Path, argv: list[str] | None
+) -> argparse.Namespace:
+    """The command line of a study's analysis: where its runs are (--log-dir), the run length
+    that counts as finished (--steps) and where the tables and plots go (--out-dir)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--log-dir", type=Path, default=Path("logs"))
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--out-dir", type=Path, default=out_dir)
+    return parser.parse_args(argv)
 
 
 def done_settings(root: Path, keys: Sequence[str]) -> set[tuple[str | None, ...]]:

@@ -10,11 +10,11 @@ and a μP panel) next to this file, and prints the tables.
 
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 from pathlib import Path
 
+from experiments.launch import analysis_arguments
 from experiments.mup.transfer_run import STEPS, TASK
 from gptlab.analysis import (
     GridOptimum,
@@ -181,11 +181,7 @@ def plot(losses_by_p: dict[str, Losses], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--log-dir", type=Path, default=Path("logs"))
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--out-dir", type=Path, default=HERE)
-    args = parser.parse_args(argv)
+    args = analysis_arguments(__doc__.splitlines()[0], STEPS, HERE, argv)
     runs = {p: load_runs(args.log_dir / TASK / p) for p in PARAMETRIZATIONS}
     losses = {p: final_losses(r, args.steps) for p, r in runs.items()}
     missing = [PARAMETRIZATIONS[p] for p, by_width in losses.items() if not by_width]

@@ -14,6 +14,7 @@ import argparse
 import statistics
 from pathlib import Path
 
+from experiments.launch import analysis_arguments
 from experiments.schedules.run import STEPS, TASK, branch_point, shorter_lengths
 from gptlab.analysis import (
     SeedComparison,
@@ -201,11 +202,7 @@ def plot(arms: dict[str, Finished], path: Path, args: argparse.Namespace) -> Non
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--log-dir", type=Path, default=Path("logs"))
-    parser.add_argument("--steps", type=int, default=STEPS)
-    parser.add_argument("--out-dir", type=Path, default=HERE)
-    args = parser.parse_args(argv)
+    args = analysis_arguments(__doc__.splitlines()[0], STEPS, HERE, argv)
     runs = {arm: load_runs(args.log_dir / TASK / arm) for arm in ARMS}
     arms = {arm: finished(arm_runs) for arm, arm_runs in runs.items()}
     if not any(arms.values()):

@@ -35,6 +35,7 @@ from gptlab.data.manifest import load_manifest
 from gptlab.fileio import atomic_write_text, ensure_writable_dir
 from gptlab.scaling.plan import ScalingRun, format_flops, plan_scaling_run
 from gptlab.training.build import build_datamodule, build_module
+from gptlab.training.callbacks.progress import TrainingProgressBar
 from gptlab.training.callbacks.samples import SampleGenerationCallback
 from gptlab.training.callbacks.scaling import ScalingRunCallback
 from gptlab.training.callbacks.throughput import ThroughputCallback
@@ -103,8 +104,12 @@ def instantiate_group(group: DictConfig | None) -> list[Any]:
 def build_trainer(
     cfg: DictConfig, callbacks: list[L.Callback], datamodule: L.LightningDataModule
 ) -> L.Trainer:
-    """The configured Trainer with its loggers, the global batch set and the launch checked."""
+    """The configured Trainer with its loggers and progress bar, the global batch set and the
+    launch checked."""
     loggers = instantiate_group(cfg.get("logger"))
+    if cfg.trainer.get("enable_progress_bar", True):
+        refresh = max(1, cfg.trainer.get("log_every_n_steps", 1))
+        callbacks = [*callbacks, TrainingProgressBar(refresh_rate=refresh)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     set_global_batch(trainer, cfg.global_batch_tokens, datamodule)
     check_launch(trainer)
@@ -134,11 +139,16 @@ def checkpoint_to_resume(cfg: DictConfig, trainer: L.Trainer) -> str | None:
 def check_memory(
     cfg: DictConfig, trainer: L.Trainer, model: L.LightningModule, datamodule: Any
 ) -> MemoryEstimate:
-    """Print the memory the run needs next to what the device has; refuse it, before anything
-    is allocated, when it would not fit (unless `memory_check=false`)."""
+    """Print the model's size and the memory the run needs next to what the device has; refuse
+    it, before anything is allocated, when it would not fit (unless `memory_check=false`)."""
     seq_len = getattr(datamodule, "block_size", None) or model.config.block_size
     estimate = estimate_run_memory(
         trainer, model, datamodule.batch_size, seq_len, cfg.activation_checkpointing
+    )
+    gpt = model.model
+    rank_zero_info(
+        f"model: {gpt.num_params():,} parameters ({gpt.num_params(non_embedding=True):,} "
+        f"non-embedding); {gpt.flops_per_token(seq_len):.3g} training FLOPs per token"
     )
     available, source = available_memory(trainer.strategy.root_device)
     rank_zero_info(f"memory estimate ({source}: {gib(available)}):\n{estimate.table()}")

@@ -33,7 +33,6 @@ import string
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -260,24 +259,14 @@ class LitSFT(LitFinetune):
     `loss_divisor`, and `on_before_optimizer_step` rescales the gradients to the mean.
     """
 
-    def __init__(
-        self,
-        model: dict[str, Any],
-        optimizer: dict[str, Any] | None = None,
-        scheduler: dict[str, Any] | None = None,
-        finetune: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(model, optimizer, scheduler, finetune)
-        # Any constant gives the same gradients; about the response tokens of a micro-batch
-        # (set in `setup`), the backpropagated loss stays near a mean loss in size, which is
-        # what fp16 loss scaling and NonFiniteGuard's spike check expect.
-        self.loss_divisor = 1.0
-        self._step_sums = torch.zeros(2)  # (summed loss, response tokens) of this optimizer step
-
     def setup(self, stage: str) -> None:
+        # Any constant gives the same gradients; about the response tokens of a micro-batch, the
+        # backpropagated loss stays near a mean loss in size, which is what fp16 loss scaling
+        # and NonFiniteGuard's spike check expect.
         datamodule = getattr(self.trainer, "datamodule", None)
-        if isinstance(datamodule, SFTDataModule):
-            self.loss_divisor = datamodule.response_tokens_per_batch()
+        sft_data = isinstance(datamodule, SFTDataModule)
+        self.loss_divisor = datamodule.response_tokens_per_batch() if sft_data else 1.0
+        self._step_sums = torch.zeros(2)  # (summed loss, response tokens) of this optimizer step
 
     def response_loss(self, batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed next-token loss over the response tokens of a batch, their count)."""

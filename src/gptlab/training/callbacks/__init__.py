@@ -4,6 +4,8 @@
   every N optimizer steps and once more at the end of training.
 - `samples`: `SampleGenerationCallback` (completions of fixed prompts) and
   `ResponseSampleCallback` (responses to held-out instructions), logged to TensorBoard.
+- `progress`: `TrainingProgressBar`, the bar gptlab-train shows (redrawn at the logging
+  interval, not every batch).
 - `throughput`: `ThroughputCallback`, tokens/s and MFU against the device's measured peak.
 - `guards`: `NonFiniteGuard`, which skips non-finite steps, stops a diverged run and reports
   loss spikes.
