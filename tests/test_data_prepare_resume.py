@@ -74,6 +74,9 @@ def test_interrupted_prepare_continues_where_it_stopped(tmp_path, monkeypatch, r
         run(DOCS, tmp_path)
     assert not (tmp_path / MANIFEST_NAME).exists()  # incomplete, and it says so
     kept = {path: path.stat().st_mtime_ns for path in first_run}
+    # A process killed inside an atomic write leaves its temporary file (the journal is
+    # rewritten every few seconds, so a SIGKILL often lands there).
+    (tmp_path / f".{JOURNAL_NAME}.k1ll3d.tmp").write_text('{"job": ')
 
     forbid_training(monkeypatch)
     second_run = record_writes(monkeypatch)

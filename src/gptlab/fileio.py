@@ -35,6 +35,15 @@ def atomic_write(path: str | Path) -> Iterator[BinaryIO]:
     fsync_directory(path.parent)
 
 
+def remove_temp_files(path: str | Path) -> None:
+    """Delete the temporary files that `atomic_write`s of `path` killed mid-write left beside
+    it. Only for a path no other process is writing at the same time."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
 def fsync_directory(directory: Path) -> None:
     """Sync `directory`'s entries: a rename lives there, and a power loss could undo it."""
     if os.name != "posix":

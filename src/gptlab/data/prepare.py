@@ -90,7 +90,7 @@ from gptlab.data.tokenizer import (
     train_tokenizer,
 )
 from gptlab.errors import DataError, ShardError
-from gptlab.fileio import atomic_write, atomic_write_text, ensure_writable_dir
+from gptlab.fileio import atomic_write, atomic_write_text, ensure_writable_dir, remove_temp_files
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,8 @@ def prepare_dataset(
     journal = _Journal(
         out, hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     )
+    for written in (journal.path, out / TOKENIZER_NAME, _manifest_path(out, num_tasks)):
+        remove_temp_files(written)  # left by an earlier run killed mid-write
     if resume and journal.resumable():
         log.info("resuming an interrupted prepare in %s", out)
         tokenizer = load_tokenizer(out / TOKENIZER_NAME)
