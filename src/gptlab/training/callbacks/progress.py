@@ -2,9 +2,9 @@
 loss, redrawn every `refresh_rate` batches.
 
 Lightning's default bar is redrawn after every batch (and is rich's bar when rich is
-installed, which tokenizers' dependencies bring along). On a small model on 2 CPU cores that
-redraw cost about 3% of the training throughput (benchmarks/results_nanogpt.md); redrawn at the
-logging interval, the bar shows the same numbers, since the loss is only logged there.
+installed, as the dev and hf extras do through transformers). On a small model on 2 CPU cores
+that rich bar cost about 3% of the training throughput (docs/speed_and_scale.md); redrawn at
+the logging interval, the bar shows the same numbers, since the loss is only logged there.
 """
 
 from __future__ import annotations
