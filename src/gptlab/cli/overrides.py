@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from gptlab.cli import CONFIG_DIR
+from gptlab.cli.errors import report_user_errors
 
 # model/attention=<old variant> -> the values it set (in experiment=attention_ablation the same
 # variants are the study's named combinations: ablation/attention=<variant>).
@@ -133,10 +134,10 @@ def check_overrides(
     def decorate(main: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(main)
         def checked(*args: Any, **kwargs: Any) -> Any:
-            error = override_error(sys.argv[1:], schema)
-            if error is not None:
-                print(f"{tool}: error: {error}", file=sys.stderr)
-                raise SystemExit(1)
+            with report_user_errors(tool):
+                error = override_error(sys.argv[1:], schema)
+                if error is not None:
+                    raise ValueError(error)
             return main(*args, **kwargs)
 
         return checked
