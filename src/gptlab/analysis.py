@@ -33,13 +33,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from gptlab.errors import ERROR_FILE
 from gptlab.model import GPT, GPTConfig
-from gptlab.training.checkpoint import load_checkpoint
+from gptlab.training.checkpoint import RESULTS_FILE, load_checkpoint
 from gptlab.training.optim import OptimizerConfig, build_adamw
 from gptlab.training.tensorboard import current_tag
 
 Scalars = dict[str, list[tuple[int, float]]]  # tag -> [(step, value), ...]
-
-RESULTS_FILE = "results.json"  # in a run folder: the final metrics gptlab-train writes
 
 
 @dataclass

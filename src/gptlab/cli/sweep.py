@@ -21,15 +21,10 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from gptlab.analysis import (
-    RESULTS_FILE,
-    compare_seeds,
-    job_dirs,
-    job_overrides,
-    mean_std,
-)
+from gptlab.analysis import compare_seeds, job_dirs, job_overrides, mean_std
 from gptlab.errors import ERROR_FILE
 from gptlab.fileio import atomic_write_text
+from gptlab.training.checkpoint import RESULTS_FILE
 
 METRICS = ("val_loss", "val_ppl", "val_acc", "step", "tokens_per_sec", "wall_time_s")
 SEED_KEYS = ("seed",)

@@ -25,7 +25,6 @@ from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from gptlab.analysis import RESULTS_FILE
 from gptlab.cli import CONFIG_DIR
 from gptlab.cli.errors import report_user_errors
 from gptlab.cli.overrides import check_overrides
@@ -39,10 +38,7 @@ from gptlab.training.callbacks.progress import TrainingProgressBar
 from gptlab.training.callbacks.samples import SampleGenerationCallback
 from gptlab.training.callbacks.scaling import ScalingRunCallback
 from gptlab.training.callbacks.throughput import ThroughputCallback
-from gptlab.training.checkpoint import (
-    resolve_checkpoint,
-    write_run_record,
-)
+from gptlab.training.checkpoint import RESULTS_FILE, resolve_checkpoint, write_run_record
 from gptlab.training.console import quiet_known_notices
 from gptlab.training.memory import (
     MemoryEstimate,

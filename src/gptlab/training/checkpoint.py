@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 TOKENIZER_KEY = "gptlab_tokenizer_json"
 RNG_KEY = "gptlab_rng_states"
 RUN_RECORD = "run.json"  # in each run's folder: its name and where its checkpoints go
+RESULTS_FILE = "results.json"  # in a run's folder: the final metrics gptlab-train writes
 METADATA_FILE = (
     _METADATA_FILENAME  # a sharded checkpoint's metadata: Lightning's loader looks for it
 )
