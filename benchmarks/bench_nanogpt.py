@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import os
 import pickle
 import platform
@@ -128,6 +129,38 @@ def wall_seconds(command: list[str], work: Path, env: dict[str, str], log_file: 
     return seconds
 
 
+# What a process imports before it trains: nanoGPT's train.py pays for torch (and numpy),
+# gptlab-train for Lightning (which imports torch._dynamo) and Hydra on top.
+IMPORTS = {
+    "torch, numpy (nanoGPT's train.py)": "import numpy, torch",
+    "lightning": "import lightning",
+    "hydra": "import hydra",
+    "gptlab.cli.train (all of the above and gptlab)": "import gptlab.cli.train",
+}
+
+
+def import_seconds(statement: str, env: dict[str, str], repeats: int) -> float:
+    """Median wall time of a fresh interpreter that runs `statement` and exits."""
+    walls = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", statement], env=env, check=True)
+        walls.append(time.perf_counter() - start)
+    return statistics.median(walls)
+
+
+def import_rows(env: dict[str, str], repeats: int) -> list[str]:
+    base = import_seconds("pass", env, repeats)
+    return [
+        f"| {name} | {import_seconds(statement, env, repeats) - base:.2f} |"
+        for name, statement in IMPORTS.items()
+    ]
+
+
+def installed(package: str) -> str:
+    return "yes" if importlib.util.find_spec(package) is not None else "no"
+
+
 def fit(short: int, long: int, w_short: float, w_long: float) -> tuple[float, float]:
     """(steady-state tokens/s, start-up + teardown seconds) from two run lengths."""
     seconds_per_step = (w_long - w_short) / (long - short)
@@ -155,6 +188,7 @@ def main(args: argparse.Namespace) -> None:
                 walls[tool, steps].append(wall_seconds(command(steps), work, env, log_file))
                 log(f"repeat {repeat + 1}/{args.repeats}: {tool}, {steps} steps: "
                     f"{walls[tool, steps][-1]:.1f} s")  # fmt: skip
+    imports = import_rows(env, repeats=2 * args.repeats + 1)
     rows, rates = [], {}
     for tool in tools:
         w_short, w_long = (statistics.median(walls[tool, s]) for s in (short, long))
@@ -172,8 +206,11 @@ def main(args: argparse.Namespace) -> None:
         "",
         f"- date: {datetime.date.today().isoformat()}; machine: {cpu_name()}, "
         f"{os.cpu_count()} cores, {threads} threads each",
-        f"- torch {torch.__version__}, python {platform.python_version()}; nanoGPT checkout "
-        f"{args.nanogpt} at {git_head(args.nanogpt)}",
+        f"- torch {torch.__version__}, python {platform.python_version()} ({sys.executable}); "
+        f"nanoGPT checkout {args.nanogpt} at {git_head(args.nanogpt)}",
+        f"- installed beside gptlab: transformers {installed('transformers')}, scipy "
+        f"{installed('scipy')} (torchmetrics imports both when they are there, and Lightning "
+        "imports torchmetrics)",
         f"- command: `python {' '.join(sys.argv)}`",
         f"- model {MODEL}, batch {BATCH}, no biases, char vocabulary of the built-in corpus",
         f"- {args.repeats} interleaved repeats per tool and length; medians; load average "
@@ -185,6 +222,12 @@ def main(args: argparse.Namespace) -> None:
         *rows,
         "",
         f"gptlab-train / nanoGPT steady-state tokens/s: **{ours / nano:.3f}**",
+        "",
+        "Where start-up goes: import time, median of fresh interpreters, less an empty one's",
+        "",
+        "| import | seconds |",
+        "|---|---:|",
+        *imports,
     ]
     text = "\n".join(report) + "\n"
     print(text)
