@@ -204,6 +204,25 @@ def test_comparison_table_by_hand():
     assert "[-10.706, +14.706]" in row and "| 2.00 (1.0) | 0.295 |" in row
 
 
+def test_verdicts_of_claims_by_hand():
+    # a = [1, 2, 3], b = [4, 5, 6]: sd 1 each, se = sqrt(2 / 3), t = -3 / se = -3.674 and
+    # df = (2/3)^2 / (2 (1/3)^2 / 2) = 4, where Student's t has the closed form
+    # P(T <= t) = 1/2 + 3/4 s (1 - s^2 / 3) with s = t / sqrt(4 + t^2): p = 0.0107.
+    lower = compare_seeds([1.0, 2.0, 3.0], [4.0, 5.0, 6.0])
+    assert lower.p_less == pytest.approx(0.0107, abs=1e-4)
+    assert lower.verdict() == "a lower"
+    assert compare_seeds([4.0, 5.0, 6.0], [1.0, 2.0, 3.0]).verdict() == "a higher"
+    # b = a + 0.5: t = -0.5 / se = -0.612, so p = 0.287: within seed noise.
+    noise = compare_seeds([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])
+    assert noise.p_less == pytest.approx(0.287, abs=1e-3)
+    assert noise.verdict() == "within seed noise"
+    table = comparison_table({"x vs y": lower, "u vs v": noise}, verdicts=True)
+    assert table.splitlines()[0].endswith("| p (one-sided, a < b) | verdict (5%) |")
+    assert table.splitlines()[2].endswith("| 0.0213 | 0.0107 | a lower |")
+    assert table.splitlines()[3].endswith("| 0.573 | 0.287 | within seed noise |")
+    assert "verdict" not in comparison_table({"x vs y": lower})
+
+
 def test_mean_std_text():
     assert mean_std_text([3.0, 3.2]) == "3.100 ± 0.141 (n=2)"
     assert mean_std_text([1.0, 2.0, 3.0], digits=1) == "2.0 ± 1.0 (n=3)"

@@ -205,6 +205,13 @@ class SeedComparison:
         half = student_t_quantile(0.5 + level / 2, self.df) * self.se
         return self.difference - half, self.difference + half
 
+    def verdict(self, alpha: float = 0.05) -> str:
+        """What the one-sided tests at `alpha` find: "a lower" (p_less < alpha), "a higher"
+        (the test the other way round), else "within seed noise"."""
+        if self.p_less < alpha:
+            return "a lower"
+        return "a higher" if 1 - self.p_less < alpha else "within seed noise"
+
     def describe(self, alpha: float = 0.05) -> str:
         verdict = "lower" if self.p_less < alpha else "within seed noise of"
         return (
@@ -239,14 +246,20 @@ def welch(
     return SeedComparison(mean_a, sd_a, n_a, mean_b, sd_b, n_b, t, df, p_less, se)
 
 
-def comparison_table(comparisons: dict[str, SeedComparison], digits: int = 3) -> str:
+def comparison_table(
+    comparisons: dict[str, SeedComparison], digits: int = 3, verdicts: bool = False
+) -> str:
     """A markdown table of named comparisons: each side's mean ± sd (n), the difference a - b
-    with its 95% and 90% Welch intervals, t, df and the two-sided p."""
-    lines = [
-        "| comparison (a vs b) | a | b | a − b | 95% interval | 90% interval | Welch t (df) "
-        "| p (two-sided) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
+    with its 95% and 90% Welch intervals, t, df and the two-sided p. With `verdicts`, each
+    comparison is a claim that a is lower than b (name a claimed higher metric, such as an
+    accuracy, as "b vs a"): also the claim's one-sided p and `SeedComparison.verdict`."""
+    header = "| comparison (a vs b) | a | b | a − b | 95% interval | 90% interval | Welch t (df) "
+    header += "| p (two-sided) |"
+    rule = "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    if verdicts:
+        header += " p (one-sided, a < b) | verdict (5%) |"
+        rule += " ---: | --- |"
+    lines = [header, rule]
 
     def interval(c: SeedComparison, level: float) -> str:
         low, high = c.interval(level)
@@ -255,10 +268,13 @@ def comparison_table(comparisons: dict[str, SeedComparison], digits: int = 3) ->
     for name, c in comparisons.items():
         a = f"{c.mean_a:.{digits}f} ± {c.sd_a:.{digits}f} (n={c.n_a})"
         b = f"{c.mean_b:.{digits}f} ± {c.sd_b:.{digits}f} (n={c.n_b})"
-        lines.append(
+        row = (
             f"| {name} | {a} | {b} | {c.difference:+.{digits}f} | {interval(c, 0.95)} "
             f"| {interval(c, 0.9)} | {c.t:.2f} ({c.df:.1f}) | {c.p_two_sided:.3g} |"
         )
+        if verdicts:
+            row += f" {c.p_less:.3g} | {c.verdict()} |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
 
 
