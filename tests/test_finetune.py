@@ -228,6 +228,29 @@ def test_split_is_seeded_and_holds_out_at_least_one_example():
         split_examples([1], 0.5, seed=0)
 
 
+def test_split_seed_fixes_the_held_out_examples_while_seed_changes_the_order(
+    tiny_data_dir, tmp_path
+):
+    records = [{"instruction": f"Say {w}.", "output": w} for w in words(40)]
+    path = write_jsonl(tmp_path / "say.jsonl", records)
+
+    def datamodule(seed: int, split_seed: int | None = None) -> SFTDataModule:
+        tokenizer_path = str(tiny_data_dir / "tokenizer.json")
+        return SFTDataModule(
+            source="jsonl", paths=[str(path)], batch_size=40, val_fraction=0.25, seed=seed,
+            split_seed=split_seed, tokenizer_path=tokenizer_path,
+        )  # fmt: skip
+
+    def first_batch(dm: SFTDataModule) -> torch.Tensor:
+        return next(iter(dm.train_dataloader()))[0]
+
+    a, b = datamodule(seed=1, split_seed=7), datamodule(seed=2, split_seed=7)
+    assert a.splits[1] == b.splits[1]  # the same held-out examples
+    assert sorted(map(str, a.splits[0])) == sorted(map(str, b.splits[0]))
+    assert not torch.equal(first_batch(a), first_batch(b))  # in another order
+    assert datamodule(seed=1).splits[1] != a.splits[1]  # by default the seed picks them too
+
+
 # ----------------------------------------------------------------------------- init_from
 
 

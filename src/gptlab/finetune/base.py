@@ -93,6 +93,7 @@ class ExampleDataModule(L.LightningDataModule):
         seed: int = 1337,
         num_workers: int = 0,
         tokenizer_path: str | None = None,
+        split_seed: int | None = None,
     ) -> None:
         super().__init__()
         if source not in EXAMPLE_SOURCES:
@@ -112,7 +113,8 @@ class ExampleDataModule(L.LightningDataModule):
         self.max_length = max_length
         self.batch_size = batch_size
         self.val_fraction = val_fraction
-        self.seed = seed
+        self.seed = seed  # the training order's
+        self.split_seed = seed if split_seed is None else split_seed  # the held-out examples'
         self.num_workers = num_workers
         self.tokenizer_path = tokenizer_path
         self._tokenizer: Tokenizer | None = None
@@ -181,7 +183,7 @@ class ExampleDataModule(L.LightningDataModule):
     @cached_property
     def splits(self) -> tuple[list, list]:
         """(train, val) examples, before tokenization."""
-        return split_examples(self.load_examples(), self.val_fraction, self.seed)
+        return split_examples(self.load_examples(), self.val_fraction, self.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_items is not None:

@@ -78,9 +78,18 @@ class ClassificationDataModule(ExampleDataModule):
         seed: int = 1337,
         num_workers: int = 0,
         tokenizer_path: str | None = None,
+        split_seed: int | None = None,
     ) -> None:
         super().__init__(
-            source, paths, max_length, batch_size, val_fraction, seed, num_workers, tokenizer_path
+            source,
+            paths,
+            max_length,
+            batch_size,
+            val_fraction,
+            seed,
+            num_workers,
+            tokenizer_path,
+            split_seed,
         )
         if source == "builtin" and (num_classes is None or num_classes < 2):
             raise ValueError(

@@ -200,10 +200,19 @@ class SFTDataModule(ExampleDataModule):
         seed: int = 1337,
         num_workers: int = 0,
         tokenizer_path: str | None = None,
+        split_seed: int | None = None,
         packing: bool = False,
     ) -> None:
         super().__init__(
-            source, paths, max_length, batch_size, val_fraction, seed, num_workers, tokenizer_path
+            source,
+            paths,
+            max_length,
+            batch_size,
+            val_fraction,
+            seed,
+            num_workers,
+            tokenizer_path,
+            split_seed,
         )
         self.template = PromptTemplate(**dict(template or {}))
         self.packing = packing  # items are then rows of packed examples (see `pack`)
