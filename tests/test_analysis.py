@@ -19,6 +19,7 @@ from experiments.ablations.length_generalisation import (
 from experiments.ablations.welch_tests import claimed_differences
 from gptlab.analysis import (
     GridOptimum,
+    claims_table,
     compare_seeds,
     comparison_table,
     count_params,
@@ -221,6 +222,9 @@ def test_verdicts_of_claims_by_hand():
     assert table.splitlines()[2].endswith("| 0.0213 | 0.0107 | a lower |")
     assert table.splitlines()[3].endswith("| 0.573 | 0.287 | within seed noise |")
     assert "verdict" not in comparison_table({"x vs y": lower})
+    claims = claims_table({"x vs y": ([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]), "z vs y": ([1.0], [4.0])})
+    assert claims.splitlines()[2].endswith("| 0.0107 | a lower |")
+    assert claims.endswith("\nNot tested (fewer than 2 finished runs a side): z vs y.\n")
 
 
 def test_mean_std_text():

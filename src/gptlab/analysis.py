@@ -278,6 +278,20 @@ def comparison_table(
     return "\n".join(lines) + "\n"
 
 
+def claims_table(claims: dict[str, tuple[list[float], list[float]]], digits: int = 3) -> str:
+    """The Welch table, with verdicts, of named claims that a is lower than b, each given as a's
+    and b's values over seeds; a claim with fewer than 2 values a side is named below it as
+    not tested."""
+    tested = {
+        name: compare_seeds(a, b) for name, (a, b) in claims.items() if min(len(a), len(b)) > 1
+    }
+    text = comparison_table(tested, digits, verdicts=True) if tested else ""
+    untested = [name for name in claims if name not in tested]
+    if untested:
+        text += f"\nNot tested (fewer than 2 finished runs a side): {', '.join(untested)}.\n"
+    return text
+
+
 def student_t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with `df` degrees of freedom, through the regularized
     incomplete beta function: P(|T| > |t|) = I_x(df/2, 1/2) with x = df / (df + t^2)."""
