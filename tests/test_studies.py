@@ -1,10 +1,11 @@
-"""The study scripts of experiments/mup (LR transfer) and experiments/schedules: which runs a
-rerun skips, and the analyses' numbers on run folders made by hand, checked against hand
-computations."""
+"""The study scripts of experiments/mup (LR transfer), experiments/schedules,
+experiments/tokenizers and experiments/finetune: which runs a launch starts and a rerun skips,
+and the analyses' numbers on run folders made by hand, checked against hand computations."""
 
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,9 @@ from experiments.launch import done_settings, products
 from experiments.mup import transfer_analyze
 from experiments.schedules import analyze as schedules_analyze
 from experiments.schedules.run import branch_point, common, shorter_lengths
-from tests.kit import write_run_folder
+from experiments.tokenizers import analyze as tokenizers_analyze
+from experiments.tokenizers import run as tokenizers_run
+from tests.kit import compose_config, tiny_gpt, write_checkpoint, write_run_folder
 
 
 def write_run(folder: Path, overrides: dict, results: dict | None = None, error=None):
@@ -25,6 +28,7 @@ def write_run(folder: Path, overrides: dict, results: dict | None = None, error=
         writer = SummaryWriter(str(folder / "tensorboard"))
         writer.add_scalar("loss/val", results["val_loss"] + 1, 1)
         writer.add_scalar("loss/val", results["val_loss"], 2)
+        writer.add_scalar("loss/train", results["val_loss"], 2)
         writer.close()
 
 
@@ -127,3 +131,94 @@ def test_schedules_report_from_run_folders(tmp_path):
     assert "dedicated 67.5 min, stable run and branches 37.5 min (44% less)" in text
     assert "| WSD vs cosine, 1000 steps |" in text
     assert (out / "curves.png").stat().st_size > 10_000
+
+
+def launched(module, monkeypatch, argv: list[str]) -> list[list[str]]:
+    """The gptlab-train commands a study's launcher runs (recorded, not run)."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(module, "gptlab_train", lambda overrides, log: commands.append(overrides))
+    module.main(argv)
+    return sorted(commands)
+
+
+def override(command: list[str], key: str) -> str:
+    return next(o.split("=", 1)[1] for o in command if o.startswith(f"{key}="))
+
+
+def composes(command: list[str], tmp_path: Path) -> None:
+    """The command's overrides, with the first value of each swept key, make a valid config."""
+    single = [o.split(",")[0] for o in command if o != "-m" and not o.startswith("hydra.")]
+    compose_config("train", single, tmp_path)
+
+
+def test_tokenizer_study_launches_the_missing_runs_in_two_lanes(tmp_path, monkeypatch):
+    argv = ["--log-dir", str(tmp_path)]
+    fresh = launched(tokenizers_run, monkeypatch, argv)
+    assert [(override(c, "tokenizer"), override(c, "seed")) for c in fresh] == [
+        ("bpe,unigram", "1,2,3"), ("wordpiece,char", "1,2,3"),
+    ]  # fmt: skip
+    assert "trainer.max_steps=300" in fresh[0] and "model.n_embd=64" in fresh[0]
+    composes(fresh[0], tmp_path)
+    root = tmp_path / "tokenizers"
+    for seed in (1, 2, 3):
+        write_run(root / "a" / f"bpe{seed}", {"tokenizer": "bpe", "seed": seed,
+                  "trainer.max_steps": 300}, {"val_loss": 4.0})  # fmt: skip
+    write_run(root / "a" / "u1", {"tokenizer": "unigram", "seed": 1, "trainer.max_steps": 300},
+              error="diverged")  # fmt: skip
+    write_run(root / "a" / "u2", {"tokenizer": "unigram", "seed": 2, "trainer.max_steps": 30},
+              {"val_loss": 5.0})  # another length: does not count  # fmt: skip
+    rerun = launched(tokenizers_run, monkeypatch, argv)
+    assert [(override(c, "tokenizer"), override(c, "seed")) for c in rerun] == [
+        ("unigram", "2,3"), ("wordpiece,char", "1,2,3"),
+    ]  # fmt: skip
+
+
+def test_tokenizer_report_from_run_folders(tmp_path, monkeypatch):
+    # bits/byte over 3 seeds: bpe mean 2.43, unigram 2.34, wordpiece 2.35, each sd 0.03; char
+    # has one finished run, and one that failed.
+    bpb = {"bpe": [2.40, 2.43, 2.46], "unigram": [2.31, 2.34, 2.37],
+           "wordpiece": [2.32, 2.35, 2.38], "char": [3.80]}  # fmt: skip
+    root = tmp_path / "tokenizers"
+    for kind, values in bpb.items():
+        for seed, value in enumerate(values, 1):
+            overrides = {"tokenizer": kind, "seed": seed, "trainer.max_steps": 300}
+            write_run(root / "lane" / f"{kind}-{seed}", overrides, {"val_loss": value * 2})
+    write_run(root / "lane" / "char-2", {"tokenizer": "char", "seed": 2,
+              "trainer.max_steps": 300}, error="diverged")  # fmt: skip
+
+    def fake_score(run):
+        kind, seed = run.overrides["tokenizer"], int(run.overrides["seed"])
+        value = bpb[kind][seed - 1]
+        return tokenizers_analyze.Scores(bpb=value, loss=2 * value, vocab=4096, bytes_per_token=3.5)
+
+    monkeypatch.setattr(tokenizers_analyze, "score_run", fake_score)
+    out = tmp_path / "out"
+    tokenizers_analyze.main(["--log-dir", str(tmp_path), "--out-dir", str(out)])
+    text = (out / "results.md").read_text()
+    assert "| bpe | 4096 | 3.50 | 2.430 ± 0.030 (n=3) | 4.860 ± 0.060 (n=3) |" in text
+    assert "| char | 4096 | 3.50 | 3.800 ± nan (n=1) |" in text
+    # unigram vs bpe: se = 0.03 sqrt(2/3), t = -0.09 / se = -3.674, df = 4: one-sided
+    # p = 1/2 + 3/4 s (1 - s^2/3) with s = t / sqrt(4 + t^2) = 0.0107 (closed form for df = 4).
+    unigram = next(line for line in text.splitlines() if line.startswith("| unigram vs bpe |"))
+    assert unigram.endswith("| -3.67 (4.0) | 0.0213 | 0.0107 | a lower |")
+    # wordpiece vs unigram: t = 0.01 / se = 0.408, s = 0.2: p = 1/2 + 3/4 0.2 (1 - 0.04/3) = 0.648.
+    wordpiece = next(line for line in text.splitlines() if line.startswith("| wordpiece vs"))
+    assert wordpiece.endswith("| 0.648 | within seed noise |")
+    assert "Not tested (fewer than 2 finished runs a side): bpe vs char." in text
+    assert "Not counted: 1 runs" in text and "diverged" in text
+    assert (out / "curves.png").stat().st_size > 10_000
+
+
+def test_a_tokenizer_run_is_scored_on_its_data(tiny_data_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    write_run_folder(run_dir, ["tokenizer=bpe", "seed=1"], {"val_loss": 6.0})
+    (run_dir / "checkpoints").mkdir()
+    model = tiny_gpt(vocab_size=512, block_size=32)
+    write_checkpoint(run_dir / "checkpoints" / "last.ckpt", model, None, tiny_data_dir)
+    (run,) = tokenizers_analyze.load_runs(tmp_path)
+    scores = tokenizers_analyze.score_run(run)
+    assert scores.vocab == 512
+    # An untrained model is near uniform: about ln 512 nats per token, and bits per byte are
+    # those nats in bits, spread over the bytes of a token.
+    assert scores.loss == pytest.approx(math.log(512), rel=0.05)
+    assert scores.bpb == pytest.approx(scores.loss / math.log(2) / scores.bytes_per_token, rel=0.05)
