@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
+from experiments.finetune import analyze as finetune_analyze
+from experiments.finetune import run as finetune_run
 from experiments.launch import done_settings, products
 from experiments.mup import transfer_analyze
 from experiments.schedules import analyze as schedules_analyze
@@ -222,3 +224,68 @@ def test_a_tokenizer_run_is_scored_on_its_data(tiny_data_dir, tmp_path):
     # those nats in bits, spread over the bytes of a token.
     assert scores.loss == pytest.approx(math.log(512), rel=0.05)
     assert scores.bpb == pytest.approx(scores.loss / math.log(2) / scores.bytes_per_token, rel=0.05)
+
+
+def test_finetune_study_launches_each_settings_missing_seeds(tmp_path, monkeypatch):
+    pretrained = tmp_path / "pre.ckpt"
+    pretrained.write_bytes(b"")
+    argv = ["--log-dir", str(tmp_path), "--init-from", str(pretrained)]
+    fresh = launched(finetune_run, monkeypatch, argv)
+    assert len(fresh) == 7 and all(override(c, "seed") == "1,2,3" for c in fresh)
+    assert all(override(c, "finetune_data.loader.split_seed") == "1337" for c in fresh)
+    starts = sorted(override(c, "init_from") for c in fresh)
+    assert starts == [str(pretrained.resolve())] * 5 + ["null", "null"]
+    for command in fresh:
+        composes(command, tmp_path)
+    for seed in (1, 2):
+        folder = tmp_path / "finetune" / "classify_full" / "sweep" / str(seed)
+        write_run_folder(folder, ["experiment=classify", f"seed={seed}"], {"val_acc": 0.9})
+    rerun = launched(finetune_run, monkeypatch, argv)
+    assert sorted(override(c, "seed") for c in rerun) == ["1,2,3"] * 6 + ["3"]
+
+
+def test_finetune_report_from_run_folders(tmp_path):
+    root = tmp_path / "finetune"
+    pretrained = "init_from=/x/pre.ckpt"
+
+    def run(setting: str, seed: int, acc: float = 0.0, acc_100: float = 0.0, loss: float = 0.7):
+        folder = root / setting / "sweep" / str(seed)
+        start = "init_from=null" if "scratch" in setting else pretrained
+        write_run_folder(folder, [start, f"seed={seed}"], {"val_acc": acc, "val_loss": loss})
+        writer = SummaryWriter(str(folder / "tensorboard"))
+        writer.add_scalar("accuracy/val", acc_100, 100)
+        writer.add_scalar("accuracy/val", acc, 300)
+        writer.close()
+
+    for seed in (1, 2, 3):
+        run("classify_full", seed, acc=0.89 + 0.01 * seed, acc_100=0.88 + 0.01 * seed)
+        run("classify_lora", seed, acc=0.86 + 0.01 * seed)
+        run("classify_scratch", seed, acc=0.885 + 0.01 * seed, acc_100=0.85 + 0.01 * seed)
+        run("sft_full", seed, loss=3.67 + 0.01 * seed)
+        run("sft_lora", seed, loss=3.59 + 0.01 * seed)
+        run("sft_scratch", seed, loss=5.44 + 0.01 * seed)
+    run("classify_freeze3", 1, acc=0.84)
+    write_run_folder(root / "classify_freeze3" / "sweep" / "2", ["seed=2"], error="diverged")
+    out = tmp_path / "out"
+    finetune_analyze.main(["--log-dir", str(tmp_path), "--out-dir", str(out)])
+    text = (out / "results.md").read_text()
+    assert "pretrained checkpoint: `/x/pre.ckpt`." in text
+    full = "| classify_full | 90.000 ± 1.000 (n=3) | 91.000 ± 1.000 (n=3) | 0.700 ± 0.000 (n=3) |"
+    assert full in text
+    assert "| classify_freeze3 | 0.000 ± nan (n=1) | 84.000 ± nan (n=1) |" in text
+    assert "| sft_lora | 3.610 ± 0.010 (n=3) |" in text
+
+    def row(name: str) -> str:
+        return next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+
+    # Each side's sd is the same (1 point, or 0.01 nats), so df = 4 and, with s = t / sqrt(4 +
+    # t^2), the one-sided p = 1/2 + 3/4 s (1 - s^2/3). LoRA 3 points below full: t = -3 /
+    # sqrt(2/3) = -3.674, p = 0.0107; from scratch 0.5 below: t = -0.612, p = 0.287.
+    assert row("classify val acc: LoRA vs full").endswith("| 0.0107 | a lower |")
+    assert row("classify val acc @100: from scratch vs pretrained full").endswith("| a lower |")
+    scratch = row("classify val acc: from scratch vs pretrained full")
+    assert scratch.endswith("| 0.287 | within seed noise |")
+    # SFT, LoRA 0.08 below full: t = -0.08 / (0.01 sqrt(2/3)) = -9.80, s^2 = 96/100: p = 0.000304.
+    assert row("SFT val loss: LoRA vs full").endswith("| 0.000304 | a lower |")
+    assert "Not tested (fewer than 2 finished runs a side): classify val acc: freeze 3" in text
+    assert "Not counted: 1 runs" in text and "diverged" in text
