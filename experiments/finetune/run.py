@@ -87,7 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    args.init_from = resolve_checkpoint(args.init_from, args.log_dir).resolve()
+    try:
+        args.init_from = resolve_checkpoint(args.init_from, args.log_dir).resolve()
+    except FileNotFoundError as err:
+        raise SystemExit(f"{err}\n(--init-from names the pretrained checkpoint)") from None
     say(f"pretrained checkpoint: {args.init_from}")
     run_lanes([lane(name, args) for name in LANES])
 

@@ -288,7 +288,8 @@ def claims_table(claims: dict[str, tuple[list[float], list[float]]], digits: int
     text = comparison_table(tested, digits, verdicts=True) if tested else ""
     untested = [name for name in claims if name not in tested]
     if untested:
-        text += f"\nNot tested (fewer than 2 finished runs a side): {', '.join(untested)}.\n"
+        text += "\n" if text else ""
+        text += f"Not tested (fewer than 2 finished runs a side): {', '.join(untested)}.\n"
     return text
 
 
