@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlab.cli.train import train
+from gptlab.data.manifest import load_manifest
 from gptlab.model import GPT, GPTConfig
 from gptlab.scaling.analyze import analyze, read_runs_csv
 from gptlab.scaling.fit import (
@@ -30,6 +31,7 @@ from gptlab.scaling.plan import (
     format_flops,
     model_shape,
     plan_run,
+    plan_scaling_run,
 )
 from tests.kit import compose_config
 
@@ -94,6 +96,19 @@ def test_plan_spends_the_budget_in_whole_steps():
     assert "min_steps" in too_big.skip_reason
     too_small = plan_run(ScalingConfig(budget=1e12), model, 1024, 10**5)
     assert "max_epochs" in too_small.skip_reason
+
+
+def test_fixed_warmup_steps_are_every_budgets_warmup():
+    model = {"vocab_size": 512, "block_size": 128, "n_layer": 2, "n_head": 4, "n_embd": 64}
+    plans = [
+        plan_run(ScalingConfig(budget=c, warmup_steps=30), model, 1024, 10**7) for c in (1e11, 1e12)
+    ]
+    assert [p.warmup_steps for p in plans] == [30, 30] and plans[0].steps < plans[1].steps
+    by_fraction = plan_run(ScalingConfig(budget=1e12), model, 1024, 10**7)
+    assert by_fraction.warmup_steps == round(0.05 * by_fraction.steps) != 30
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"scaling.warmup_steps=.* must be null or an int"):
+            ScalingConfig(budget=1e12, warmup_steps=bad)
 
 
 # ----------------------------------------------------------------------------- sweep runs
@@ -167,6 +182,13 @@ def test_sweep_records_the_tokens_and_flops_it_trained(tiny_data_dir, tmp_path, 
     both = ["global_batch_tokens=256", "trainer.accumulate_grad_batches=2"]
     with pytest.raises(ValueError, match="not both"):
         train(sweep_config(tiny_data_dir, tmp_path / "both", *both))
+
+
+def test_a_fixed_warmup_reaches_the_scheduler_and_the_runs_settings(tiny_data_dir, tmp_path):
+    cfg = sweep_config(tiny_data_dir, tmp_path, "scaling.warmup_steps=3")
+    planned, run = plan_scaling_run(cfg, load_manifest(cfg.data.loader.data_dir))
+    assert planned.scheduler.warmup_steps == run.plan.warmup_steps == 3
+    assert run.settings["scheduler"]["warmup_steps"] == 3
 
 
 def test_sweep_skips_a_model_too_big_for_its_budget(tiny_data_dir, tmp_path):
