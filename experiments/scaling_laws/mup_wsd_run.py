@@ -1,8 +1,8 @@
 """The isoFLOP study rerun under μP with WSD decays (README.md here, "μP + WSD rerun"):
-experiment=scaling_law_mup, launched in two steps.
+experiment=scaling_law_mup, trained in two steps, then fitted.
 
     python -m experiments.scaling_laws.mup_wsd_run     # the study; a rerun skips finished runs
-    gptlab-scaling sweep_dir=logs/scaling_law_mup/mup_wsd/runs out_dir=...   # fits and report
+    gptlab-scaling sweep_dir=logs/scaling_law_mup/mup_wsd/runs n_params=both out_dir=...
 
 1. The learning rate, tuned once: dedicated WSD runs of the base width (the smallest, where μP
    is SP) at one budget over a grid in 2x steps, one seed. The lowest final validation loss
@@ -358,7 +358,8 @@ def run_study(args: argparse.Namespace) -> dict[str, Any]:
         if p.stable is not None
     ]
     run_lanes(deal(tasks, args.lanes))
-    say(f"done; fit with: gptlab-scaling sweep_dir={shlex.quote(str(sweep_root(args) / 'runs'))}")
+    runs = shlex.quote(str(sweep_root(args) / "runs"))
+    say(f"done; fit with: gptlab-scaling sweep_dir={runs} n_params=both out_dir=<folder>")
     return summary
 
 
