@@ -39,7 +39,15 @@ DATACLASSES = {
 
 
 # Keys added since the configs were recorded, with their value in every config.
-ADDED_KEYS = {"trainer.enable_model_summary": False}  # gptlab-train prints its own summary
+ADDED_KEYS = {
+    "trainer.enable_model_summary": False,  # gptlab-train prints its own summary
+    # Checkpoints at listed steps, none listed by default (WSD branch points).
+    "callbacks.step_checkpoints._target_": (
+        "gptlab.training.callbacks.step_checkpoints.CheckpointAtSteps"
+    ),
+    "callbacks.step_checkpoints.dirpath": "OUTPUT_DIR/checkpoints",
+    "callbacks.step_checkpoints.steps": [],
+}
 # Classes the redesign moved to their one home (issue 14): the configs name them there now.
 MOVED_CLASSES = {
     "gptlab.data.classify.": "gptlab.finetune.classify.",

@@ -50,7 +50,9 @@ def test_every_swept_value_composes_to_a_valid_model(experiment):
             for value in str(values).split(","):
                 cfg = compose("train", [base, f"{key}={value}"])
                 model = OmegaConf.to_container(cfg.model)
-                if cfg.get("scaling") is not None:  # depth and heads follow from the width
+                if cfg.get("scaling") is not None:  # unless set, depth and heads follow width
                     scaling = ScalingConfig(**OmegaConf.to_container(cfg.scaling))
-                    model["n_layer"], model["n_head"] = model_shape(model["n_embd"], scaling)
+                    n_layer, n_head = model_shape(model["n_embd"], scaling)
+                    model["n_layer"] = model["n_layer"] or n_layer
+                    model["n_head"] = model["n_head"] or n_head
                 GPTConfig.from_dict({**model, "vocab_size": model["vocab_size"] or 4096})

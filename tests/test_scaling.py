@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptlab.cli.train import train
+from gptlab.data.manifest import load_manifest
 from gptlab.model import GPT, GPTConfig
 from gptlab.scaling.analyze import analyze, read_runs_csv
 from gptlab.scaling.fit import (
@@ -30,8 +31,9 @@ from gptlab.scaling.plan import (
     format_flops,
     model_shape,
     plan_run,
+    plan_scaling_run,
 )
-from tests.kit import compose_config
+from tests.kit import REPO, compose_config
 
 # Hoffmann et al.'s fitted constants, and Kaplan et al.'s, as ground truth for synthetic data.
 CHINCHILLA = ChinchillaLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
@@ -94,6 +96,19 @@ def test_plan_spends_the_budget_in_whole_steps():
     assert "min_steps" in too_big.skip_reason
     too_small = plan_run(ScalingConfig(budget=1e12), model, 1024, 10**5)
     assert "max_epochs" in too_small.skip_reason
+
+
+def test_fixed_warmup_steps_are_every_budgets_warmup():
+    model = {"vocab_size": 512, "block_size": 128, "n_layer": 2, "n_head": 4, "n_embd": 64}
+    plans = [
+        plan_run(ScalingConfig(budget=c, warmup_steps=30), model, 1024, 10**7) for c in (1e11, 1e12)
+    ]
+    assert [p.warmup_steps for p in plans] == [30, 30] and plans[0].steps < plans[1].steps
+    by_fraction = plan_run(ScalingConfig(budget=1e12), model, 1024, 10**7)
+    assert by_fraction.warmup_steps == round(0.05 * by_fraction.steps) != 30
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match=r"scaling.warmup_steps=.* must be null or an int"):
+            ScalingConfig(budget=1e12, warmup_steps=bad)
 
 
 # ----------------------------------------------------------------------------- sweep runs
@@ -167,6 +182,13 @@ def test_sweep_records_the_tokens_and_flops_it_trained(tiny_data_dir, tmp_path, 
     both = ["global_batch_tokens=256", "trainer.accumulate_grad_batches=2"]
     with pytest.raises(ValueError, match="not both"):
         train(sweep_config(tiny_data_dir, tmp_path / "both", *both))
+
+
+def test_a_fixed_warmup_reaches_the_scheduler_and_the_runs_settings(tiny_data_dir, tmp_path):
+    cfg = sweep_config(tiny_data_dir, tmp_path, "scaling.warmup_steps=3")
+    planned, run = plan_scaling_run(cfg, load_manifest(cfg.data.loader.data_dir))
+    assert planned.scheduler.warmup_steps == run.plan.warmup_steps == 3
+    assert run.settings["scheduler"]["warmup_steps"] == 3
 
 
 def test_sweep_skips_a_model_too_big_for_its_budget(tiny_data_dir, tmp_path):
@@ -256,10 +278,10 @@ def test_power_law_fit():
 # ----------------------------------------------------------------------------- analysis
 
 
-def write_sweep(runs: Runs, sweep_dir) -> None:
+def write_sweep(runs: Runs, sweep_dir, seed: int = 0) -> None:
     """Result files as a sweep writes them, one directory per run."""
     for i in range(len(runs)):
-        run_dir = sweep_dir / f"run{i}"
+        run_dir = sweep_dir / f"run{i}-s{seed}"
         run_dir.mkdir(parents=True)
         record = {
             "status": "finished",
@@ -275,28 +297,31 @@ def write_sweep(runs: Runs, sweep_dir) -> None:
             "flops": runs.budget[i],
             "epochs": 0.5,
             "val_loss": runs.loss[i],
+            "settings": {"seed": seed},
         }
         (run_dir / RESULT_FILE).write_text(json.dumps(record))
-    (sweep_dir / "skipped").mkdir()
+    (sweep_dir / "skipped").mkdir(exist_ok=True)
     (sweep_dir / "skipped" / RESULT_FILE).write_text(
         json.dumps({"status": "skipped", "budget": 1e11, "params": 1e7, "n_embd": 512})
     )
 
 
+def analysis_config(tmp_path, **changes):
+    values = {
+        "sweep_dir": str(tmp_path / "sweep"),
+        "runs_csv": None,
+        "out_dir": str(tmp_path / "out"),
+        "tensorboard_dir": str(tmp_path / "tb"),
+        "starts": 1,
+        "bootstrap": 2,
+        "seed": 0,
+    }
+    return OmegaConf.create(values | changes)
+
+
 def test_analysis_fits_holds_out_plots_and_logs(tmp_path):
     write_sweep(chinchilla_runs(), tmp_path / "sweep")
-    cfg = OmegaConf.create(
-        {
-            "sweep_dir": str(tmp_path / "sweep"),
-            "runs_csv": None,
-            "out_dir": str(tmp_path / "out"),
-            "tensorboard_dir": str(tmp_path / "tb"),
-            "starts": 1,
-            "bootstrap": 2,
-            "seed": 0,
-        }
-    )
-    results = analyze(cfg)
+    results = analyze(analysis_config(tmp_path))
     out = tmp_path / "out"
     assert {p.name for p in out.iterdir()} >= {
         "runs.csv",
@@ -316,6 +341,49 @@ def test_analysis_fits_holds_out_plots_and_logs(tmp_path):
     events = EventAccumulator(str(tmp_path / "tb")).Reload()
     assert "scaling/report/text_summary" in events.Tags()["tensors"]
     assert "scaling/isoflop" in events.Tags()["images"]
+
+
+def test_point_means_average_each_points_seeds():
+    runs = chinchilla_runs()
+    both = Runs(**{f: np.concatenate([getattr(runs, f)] * 2) for f in runs.__dataclass_fields__})
+    noisy = both.with_loss(both.loss + np.repeat([0.05, -0.03], len(runs)))
+    means = noisy.point_means()
+    assert len(means) == len(runs)
+    order = np.lexsort((runs.params, runs.budget))  # point_means sorts by budget, then N
+    assert means.params == pytest.approx(runs.params[order])
+    assert means.loss == pytest.approx(runs.loss[order] + 0.01)
+
+
+def test_analysis_of_several_seeds_in_both_n_conventions(tmp_path):
+    """Two seeds per point; at the held-out budget they lie 0.1 nats above and below the law:
+    each run is off by 2-3%, their mean is on it, and the held-out test compares with means."""
+    runs = chinchilla_runs()
+    held_out = runs.budget == runs.budget.max()
+    for seed, offset in ((1, 0.1), (2, -0.1)):
+        write_sweep(runs.with_loss(runs.loss + offset * held_out), tmp_path / "sweep", seed)
+    results = analyze(analysis_config(tmp_path, n_params="both"))
+    assert results["n_params"] == "both"
+    for convention in ("total", "non_embedding"):
+        held = results[convention]["holdout"]
+        assert held["approach3"]["mean_abs_rel_error"] < 1e-3
+        assert set(held["n_opt_rel_error"]) == {"approach2", "approach3"}
+    # Non-embedding N is 0.8 x N here: approach 2's optimum moves by that factor.
+    minima = {c: results[c]["isoflop_minima"][0]["n_opt"] for c in ("total", "non_embedding")}
+    assert minima["non_embedding"] == pytest.approx(0.8 * minima["total"], rel=1e-6)
+    out = tmp_path / "out"
+    assert {"isoflop_non_embedding.png", "optimal_non_embedding.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    report = (out / "report.md").read_text()
+    assert f"{2 * len(runs)} runs at {len(runs)} (budget, N) points, 2 to 2 per point" in report
+    assert "(n_params=total)" in report and "(n_params=non_embedding)" in report
+    assert "approach3, losses (seed means per point): 0.0% (met)" in report
+    assert {row["seed"] for row in read_runs_csv(out / "runs.csv")} == {1.0, 2.0}
+
+
+def test_a_runs_csv_without_seeds_still_reads():
+    rows = read_runs_csv(REPO / "experiments" / "scaling_laws" / "runs.csv")
+    assert len(rows) == 23 and "seed" not in rows[0]
 
 
 def test_n_params_chooses_what_n_counts_in_approaches_2_and_3():

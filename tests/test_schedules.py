@@ -77,3 +77,36 @@ def test_a_decay_branched_from_a_stable_checkpoint_equals_a_dedicated_run(tiny_d
     for name, tensor in dedicated.items():
         assert torch.equal(branch[name], tensor), name
     assert any(not torch.equal(stable[n], t) for n, t in dedicated.items())
+
+
+def test_a_decay_branched_from_a_step_checkpoint_equals_a_dedicated_run(tiny_data_dir, tmp_path):
+    """Branch points off the validation grid: CheckpointAtSteps saves after step 7 (of 2
+    accumulated micro-batches each), and the branch resumed there trains bit-identically."""
+    common = [
+        "data.loader.batch_size=2",
+        "trainer.accumulate_grad_batches=2",
+        "scheduler=wsd",
+        "scheduler.warmup_steps=2",
+        "callbacks.samples=null",
+    ]
+    stable = ["trainer.max_steps=20", "scheduler.decay_steps=4", "trainer.val_check_interval=40"]
+    steps = "callbacks.step_checkpoints.steps=[5,7]"
+    train(tiny_run(tiny_data_dir, tmp_path / "stable", *common, *stable, steps))
+    saved = sorted(p.name for p in (tmp_path / "stable" / "checkpoints").glob("step??????.ckpt"))
+    assert saved == ["step000005.ckpt", "step000007.ckpt"]
+    at_7 = tmp_path / "stable" / "checkpoints" / "step000007.ckpt"
+    assert torch.load(at_7, weights_only=True)["global_step"] == 7
+    # A 9-step run decays over its last 2 steps, from step 7 on.
+    short = ["trainer.max_steps=9", "scheduler.decay_steps=2", "trainer.val_check_interval=18"]
+    results = {
+        name: train(tiny_run(tiny_data_dir, tmp_path / name, *common, *short, *extra))
+        for name, extra in (("branch", [f"ckpt_path={at_7}"]), ("dedicated", []))
+    }
+    assert results["branch"]["val_loss"] == results["dedicated"]["val_loss"]
+    assert results["branch"]["val_step"] == 9
+    branch = final_weights(tmp_path / "branch" / "checkpoints" / "last.ckpt")
+    dedicated = final_weights(tmp_path / "dedicated" / "checkpoints" / "last.ckpt")
+    for name, tensor in dedicated.items():
+        assert torch.equal(branch[name], tensor), name
+    longer = final_weights(tmp_path / "stable" / "checkpoints" / "last.ckpt")
+    assert any(not torch.equal(longer[n], t) for n, t in dedicated.items())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,9 @@ CSV_COLUMNS = (
     "val_loss",
     "train_seconds",
     "cpu_seconds",
+    "seed",
 )
+OPTIONAL_COLUMNS = ("seed",)  # runs.csv files written before seeds were recorded lack it
 
 # Published values, for the report: (quantity, Kaplan et al. 2020, Hoffmann et al. 2022,
 # Besiroglu et al. 2024). Hoffmann's a and b are given per approach (1 / 2 / 3).
@@ -71,7 +74,11 @@ def finished_rows(sweep_dir: str | Path) -> tuple[list[dict[str, Any]], list[dic
             f"no scaling_run.json under {sweep_dir}; run `gptlab-train -m experiment=scaling_law` "
             "first, or point sweep_dir= at a sweep"
         )
-    finished = [r for r in records if r["status"] == "finished"]
+    finished = [
+        {**r, "seed": r.get("settings", {}).get("seed")}
+        for r in records
+        if r["status"] == "finished"
+    ]
     skipped = [r for r in records if r["status"] == "skipped"]
     return finished, skipped
 
@@ -88,7 +95,7 @@ def read_runs_csv(path: str | Path) -> list[dict[str, Any]]:
     """Rows written by `write_runs_csv`, numbers as floats."""
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
-        missing = set(CSV_COLUMNS) - set(reader.fieldnames or [])
+        missing = set(CSV_COLUMNS) - set(OPTIONAL_COLUMNS) - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected {CSV_COLUMNS}")
         rows = [{k: float(v) if v else None for k, v in row.items()} for row in reader]
@@ -104,6 +111,11 @@ N_DESCRIPTIONS = {
     "total": "all parameters, the token and position tables included (Chinchilla's convention)",
     "non_embedding": "parameters without the token and position tables (Kaplan's convention)",
 }
+# gptlab-scaling's n_params: one convention, or both, each fitted and reported in turn.
+N_PARAMS_CHOICES = {**{n: (n,) for n in N_CONVENTIONS}, "both": ("total", "non_embedding")}
+# What the held-out budget is to be predicted within (issue 15): the mean relative error of
+# the losses, and the relative error of N_opt.
+HOLDOUT_TARGETS = {"loss": 0.02, "n_opt": 0.10}
 
 
 def runs_from_rows(rows: list[dict[str, Any]], n_params: str = "total") -> Runs:
@@ -192,10 +204,12 @@ def confidence_intervals(
 
 
 def holdout(runs: Runs, starts: int) -> dict[str, Any] | None:
-    """Fit on every budget but the largest, then predict the largest budget's runs; None with
-    fewer than 3 budgets (approach 2 needs two to fit)."""
+    """Fit on every budget but the largest, then predict the largest budget's losses (each
+    point's mean over its seeds) and N_opt; None with fewer than 3 budgets (approach 2 needs
+    two to fit)."""
     largest = float(runs.budgets.max())
-    train, test = runs.take(runs.budget < largest), runs.take(runs.budget == largest)
+    train = runs.take(runs.budget < largest)
+    test = runs.take(runs.budget == largest).point_means()
     if len(train.budgets) < 2:
         return None
     fits = fit_all(train, starts)
@@ -215,8 +229,10 @@ def holdout(runs: Runs, starts: int) -> dict[str, Any] | None:
         "approach2": float(fits.isoflop.n_opt(largest)),
         "approach3": fits.chinchilla.optimum(largest, fits.fpt)[0],
     }
+    n_opt = observed[0].n_opt if observed else None
     result["n_opt_predicted"] = predicted_n
-    result["n_opt_observed"] = observed[0].n_opt if observed else None
+    result["n_opt_observed"] = n_opt
+    result["n_opt_rel_error"] = n_opt and {k: abs(v / n_opt - 1) for k, v in predicted_n.items()}
     result["fits"] = fits
     return result
 
@@ -349,12 +365,14 @@ def runs_table(rows: list[dict[str, Any]], skipped: list[dict[str, Any]]) -> lis
     lines = [
         "## Runs",
         "",
-        "| C (budget) | n_embd | n_layer | N | N non-emb. | D | D/N | epochs | steps | val loss |",
-        "|" + " --- |" * 10,
+        "| C (budget) | n_embd | seed | n_layer | N | N non-emb. | D | D/N | epochs | steps | "
+        "val loss |",
+        "|" + " --- |" * 11,
     ]
     for r in rows:
+        seed = "-" if r.get("seed") is None else f"{r['seed']:.0f}"
         lines.append(
-            f"| {format_flops(r['budget'])} | {r['n_embd']:.0f} | {r['n_layer']:.0f} | "
+            f"| {format_flops(r['budget'])} | {r['n_embd']:.0f} | {seed} | {r['n_layer']:.0f} | "
             f"{r['params']:,.0f} | {r['non_embedding_params']:,.0f} | {r['tokens']:,.0f} | "
             f"{r['tokens'] / r['params']:.1f} | {r['epochs']:.2f} | {r['steps']:.0f} | "
             f"{r['val_loss']:.4f} |"
@@ -421,30 +439,113 @@ def holdout_table(held: dict[str, Any] | None) -> list[str]:
     predicted = ", ".join(f"{k} {v:,.0f}" for k, v in held["n_opt_predicted"].items())
     seen = f"{observed:,.0f}" if observed else "n/a (no minimum)"
     lines += ["", f"N_opt at the held-out budget: observed {seen}; predicted by {predicted}."]
+    return lines + [""] + holdout_targets(held)
+
+
+def holdout_targets(held: dict[str, Any]) -> list[str]:
+    """The held-out test against HOLDOUT_TARGETS, one line per law."""
+
+    def verdict(error: float, target: float) -> str:
+        return f"{error:.1%} ({'met' if error <= target else 'missed'})"
+
+    loss, n_opt = HOLDOUT_TARGETS["loss"], HOLDOUT_TARGETS["n_opt"]
+    lines = [f"Targets: mean relative loss error <= {loss:.0%}, N_opt error <= {n_opt:.0%}.", ""]
+    for name in ("approach3", "kaplan"):
+        error = held[name]["mean_abs_rel_error"]
+        lines.append(f"- {name}, losses (seed means per point): {verdict(error, loss)}")
+    for name, error in (held["n_opt_rel_error"] or {}).items():
+        lines.append(f"- {name}, N_opt: {verdict(error, n_opt)}")
+    if not held["n_opt_rel_error"]:
+        lines.append("- N_opt: not tested (the held-out budget's runs have no isoFLOP minimum)")
     return lines
 
 
 def log_to_tensorboard(
-    log_dir: Path, report: str, summary: dict[str, dict[str, float]], pngs: list[Path]
+    log_dir: Path, report: str, summaries: dict[str, dict[str, dict[str, float]]], pngs: list[Path]
 ) -> None:
-    """The report as text, the fitted numbers as scalars, the saved plots as images."""
+    """The report as text, the fitted numbers as scalars (tagged scaling/<prefix><method>/...),
+    the saved plots as images."""
     from matplotlib.image import imread
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(log_dir))
     try:
         writer.add_text("scaling/report", report)
-        for method, values in summary.items():
-            for key, value in values.items():
-                writer.add_scalar(f"scaling/{method}/{key}", value)
+        for prefix, summary in summaries.items():
+            for method, values in summary.items():
+                for key, value in values.items():
+                    writer.add_scalar(f"scaling/{prefix}{method}/{key}", value)
         for png in pngs:
             writer.add_image(f"scaling/{png.stem}", imread(png), dataformats="HWC")
     finally:
         writer.close()
 
 
+@dataclass
+class Analysis:
+    """The fits of one N convention: on all budgets, their intervals, and the held-out test."""
+
+    n_params: str
+    runs: Runs
+    fits: Fits
+    summary: dict[str, dict[str, float]]
+    intervals: dict[str, dict[str, tuple[float, float]]]
+    failures: dict[str, int]
+    held: dict[str, Any] | None
+
+    def report(self) -> list[str]:
+        largest = float(self.runs.budgets.max())
+        return (
+            [f"# N = {N_DESCRIPTIONS[self.n_params]} (n_params={self.n_params})", ""]
+            + fits_table(self.fits, self.summary, self.intervals, self.failures, largest)
+            + [""]
+            + holdout_table(self.held)
+        )
+
+    def results(self, bootstrap: int) -> dict[str, Any]:
+        return {
+            "n_params": self.n_params,
+            "summary": self.summary,
+            "intervals": self.intervals,
+            "bootstrap": {"resamples": bootstrap, "failed": self.failures},
+            "holdout": self.held and {k: v for k, v in self.held.items() if k != "fits"},
+            "isoflop_minima": [asdict(c) for c in self.fits.isoflop.curves],
+            "isoflop_skipped": self.fits.isoflop.skipped,
+            "flops_per_token_law": asdict(self.fits.fpt),
+        }
+
+    def figures(self) -> dict[str, Any]:
+        held = self.held
+        return {
+            "isoflop": plot_isoflops(self.runs, self.fits, held and held["budget"]),
+            "optimal": plot_optimal(self.runs, self.fits, held),
+            "predicted": plot_predicted(self.runs, self.fits, held),
+        }
+
+
+def analyze_convention(rows: list[dict[str, Any]], n_params: str, cfg: DictConfig) -> Analysis:
+    runs = runs_from_rows(rows, n_params)
+    fits = fit_all(runs, cfg.starts)
+    summary = fits.summary(float(runs.budgets.max()))  # tokens per parameter at the largest C
+    intervals, failures = confidence_intervals(runs, fits, cfg.bootstrap, cfg.seed)
+    return Analysis(n_params, runs, fits, summary, intervals, failures, holdout(runs, cfg.starts))
+
+
+def seeds_line(rows: list[dict[str, Any]]) -> str:
+    """How many runs (seeds) each sweep point has, and how the fits use them."""
+    per_point = Counter((row["budget"], row["params"]) for row in rows).values()
+    return (
+        f"{len(rows)} runs at {len(per_point)} (budget, N) points, {min(per_point)} to "
+        f"{max(per_point)} per point. Every run is a point of the fits (a point with k seeds "
+        "weighs k times, and the bootstraps resample the seed-to-seed noise with it); the "
+        "held-out test compares predictions with each point's mean over its seeds."
+    )
+
+
 def analyze(cfg: DictConfig) -> dict[str, Any]:
-    """Load runs, fit, bootstrap, hold out the largest budget, write the report and plots."""
+    """Load runs; per N convention fit, bootstrap and hold out the largest budget; write the
+    report and plots. With n_params=both, fits.json holds one entry per convention, and the
+    plots of non-embedding N carry that suffix."""
     try:
         import matplotlib
     except ModuleNotFoundError as e:
@@ -455,48 +556,33 @@ def analyze(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_params = cfg.get("n_params", "total")
-    if n_params not in N_CONVENTIONS:  # before any work
-        raise ValueError(f"n_params={n_params!r}; expected one of {sorted(N_CONVENTIONS)}")
+    if n_params not in N_PARAMS_CHOICES:  # before any work
+        raise ValueError(f"n_params={n_params!r}; expected one of {sorted(N_PARAMS_CHOICES)}")
     if cfg.get("runs_csv"):
         rows, skipped = read_runs_csv(cfg.runs_csv), []
     else:
         rows, skipped = finished_rows(cfg.sweep_dir)
         write_runs_csv(rows, out_dir / "runs.csv")
-    runs = runs_from_rows(rows, n_params)
-    fits = fit_all(runs, cfg.starts)
-    summary = fits.summary(float(runs.budgets.max()))  # tokens per parameter at the largest C
-    intervals, failures = confidence_intervals(runs, fits, cfg.bootstrap, cfg.seed)
-    held = holdout(runs, cfg.starts)
-    largest = float(runs.budgets.max())
-    report = "\n".join(
-        [f"N in approaches 2 and 3: {N_DESCRIPTIONS[n_params]} (n_params={n_params}).", ""]
-        + runs_table(rows, skipped)
-        + [""]
-        + fits_table(fits, summary, intervals, failures, largest)
-        + [""]
-        + holdout_table(held)
-    )
+    analyses = [analyze_convention(rows, n, cfg) for n in N_PARAMS_CHOICES[n_params]]
+    report_lines = [seeds_line(rows), ""] + runs_table(rows, skipped)
+    for analysis in analyses:
+        report_lines += [""] + analysis.report()
+    report = "\n".join(report_lines)
     atomic_write_text(out_dir / "report.md", report)
-    results = {
-        "n_params": n_params,
-        "summary": summary,
-        "intervals": intervals,
-        "bootstrap": {"resamples": cfg.bootstrap, "failed": failures},
-        "holdout": held and {k: v for k, v in held.items() if k != "fits"},
-        "isoflop_minima": [asdict(c) for c in fits.isoflop.curves],
-        "isoflop_skipped": fits.isoflop.skipped,
-        "flops_per_token_law": asdict(fits.fpt),
-    }
+    per_convention = {a.n_params: a.results(cfg.bootstrap) for a in analyses}
+    results = (
+        per_convention[n_params] if len(analyses) == 1 else {"n_params": n_params, **per_convention}
+    )
     atomic_write_text(out_dir / "fits.json", json.dumps(results, indent=2) + "\n")
-    figures = {
-        "isoflop": plot_isoflops(runs, fits, held and held["budget"]),
-        "optimal": plot_optimal(runs, fits, held),
-        "predicted": plot_predicted(runs, fits, held),
-        "kaplan": plot_kaplan(runs, fits),
-    }
+    figures, summaries = {}, {}
+    for i, analysis in enumerate(analyses):  # the first convention's under the plain names
+        suffix, prefix = ("", "") if i == 0 else (f"_{analysis.n_params}", f"{analysis.n_params}/")
+        figures |= {f"{name}{suffix}": fig for name, fig in analysis.figures().items()}
+        summaries[prefix] = analysis.summary
+    figures["kaplan"] = plot_kaplan(analyses[0].runs, analyses[0].fits)  # non-embedding N always
     pngs = [out_dir / f"{name}.png" for name in figures]
     for png, fig in zip(pngs, figures.values(), strict=True):
         fig.savefig(png, dpi=80)
-    log_to_tensorboard(Path(cfg.tensorboard_dir), report, summary, pngs)
+    log_to_tensorboard(Path(cfg.tensorboard_dir), report, summaries, pngs)
     print(report)
     return results

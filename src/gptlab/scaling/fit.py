@@ -32,7 +32,9 @@ HUBER_DELTA = 1e-3
 
 @dataclass(frozen=True)
 class Runs:
-    """The finished runs of a sweep, one array entry per run."""
+    """The finished runs of a sweep, one array entry per run. Several seeds of one (budget, N)
+    point are several runs: each is an observation of the same expected loss, so the fits
+    weight a point by its number of seeds and the bootstraps see the seed-to-seed noise."""
 
     budget: np.ndarray  # the C each run was given (groups the isoFLOP curves)
     params: np.ndarray  # N, all parameters
@@ -62,6 +64,15 @@ class Runs:
     @property
     def budgets(self) -> np.ndarray:
         return np.unique(self.budget)
+
+    def point_means(self) -> Runs:
+        """One entry per sweep point (budget, N), its loss averaged over the point's runs (its
+        seeds): the expected loss a law predicts, without the seed-to-seed noise."""
+        points, index = np.unique(np.stack([self.budget, self.params]), axis=1, return_inverse=True)
+        index = index.ravel()
+        first = np.array([np.flatnonzero(index == i)[0] for i in range(points.shape[1])])
+        counts = np.bincount(index)
+        return self.take(first).with_loss(np.bincount(index, weights=self.loss) / counts)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ class ScalingConfig:
     aspect_ratio: float = 32.0  # n_embd / n_layer
     head_size: int = 16
     warmup_fraction: float = 0.05  # of the run's steps: the schedule scales with the run length
+    # Warmup steps of every run (null: warmup_fraction of each run's steps). Fixed, it lets WSD
+    # decays branched off one stable run share that run's warmup whatever their budgets.
+    warmup_steps: int | None = None
     # Which (budget, width) points are worth running; neither changes a run's result.
     min_steps: int = 100  # fewer steps than this: the model is too big for the budget
     max_epochs: float = 4.0  # more passes over the data: repetition would bend the law
@@ -62,14 +65,27 @@ class ScalingConfig:
         checks = [
             ("budget", self.budget > 0, "> 0 (training FLOPs)"),
             ("aspect_ratio", self.aspect_ratio > 0, "> 0"),
-            ("head_size", isinstance(self.head_size, int) and self.head_size >= 1, "an int >= 1"),
+            ("head_size", _is_count(self.head_size, 1), "an int >= 1"),
             ("warmup_fraction", 0 <= self.warmup_fraction < 1, "in [0, 1)"),
-            ("min_steps", isinstance(self.min_steps, int) and self.min_steps >= 1, "an int >= 1"),
+            ("warmup_steps", _is_count(self.warmup_steps, 0, none_ok=True), "null or an int >= 0"),
+            ("min_steps", _is_count(self.min_steps, 1), "an int >= 1"),
             ("max_epochs", self.max_epochs > 0, "> 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
                 raise ValueError(f"scaling.{name}={getattr(self, name)!r} must be {expected}")
+
+    def warmup(self, steps: int) -> int:
+        """The warmup of a run of `steps` steps."""
+        if self.warmup_steps is not None:
+            return self.warmup_steps
+        return round(self.warmup_fraction * steps)
+
+
+def _is_count(value: Any, least: int, none_ok: bool = False) -> bool:
+    if value is None:
+        return none_ok
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
 def model_shape(n_embd: int, scaling: ScalingConfig) -> tuple[int, int]:
@@ -136,7 +152,7 @@ def plan_run(
         flops_per_token=flops_per_token,
         tokens_per_step=tokens_per_step,
         steps=steps,
-        warmup_steps=round(scaling.warmup_fraction * steps),
+        warmup_steps=scaling.warmup(steps),
         tokens=tokens,
         flops=tokens * flops_per_token,
         epochs=tokens / train_tokens,

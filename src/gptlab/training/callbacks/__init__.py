@@ -12,5 +12,7 @@
 - `diagnostics`: `AttentionDiagnosticsCallback`, attention entropy, sink share and maps.
 - `eval_tasks`: `EvalTasksCallback`, zero-shot task scores while training.
 - `hparams`: `HParamsCallback`, the run's hyperparameters beside its final metrics.
+- `step_checkpoints`: `CheckpointAtSteps`, resumable checkpoints at listed optimizer steps (the
+  branch points of WSD decays).
 - `scaling`: `ScalingRunCallback`, the N, D and C of a scaling-law run, and its record.
 """
