@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from experiments.finetune.run import LANES, TASK
-from gptlab.analysis import SweepJob, claims_table, load_runs, mean_std_text, unfinished_lines
+from gptlab.analysis import SweepJob, claims_section, load_runs, mean_std_text, unfinished_lines
 
 HERE = Path(__file__).resolve().parent
 EARLY = 100  # the step of the early accuracy README.md compares
@@ -93,12 +93,7 @@ def report(values: Values, checkpoints: list[str], unfinished: list[SweepJob], r
         "",
         *lane_table("sft", values),
         "",
-        "## Welch's tests of the claims in README.md",
-        "",
-        "Each claims that a's metric is lower than b's. Verdict: Welch's one-sided test at 5%,",
-        "either way round; otherwise the difference is within seed noise.",
-        "",
-        claims_table(claims).rstrip(),
+        *claims_section(claims, "a's metric is lower than b's"),
         *unfinished_lines(unfinished),
     ]
     return "\n".join(lines) + "\n"

@@ -22,7 +22,7 @@ from experiments.launch import analysis_arguments
 from experiments.tokenizers.run import STEPS, TASK
 from gptlab.analysis import (
     SweepJob,
-    claims_table,
+    claims_section,
     group_runs,
     load_runs,
     mean_std_text,
@@ -91,12 +91,7 @@ def report(
         "",
         *runs_table(scores),
         "",
-        "## Welch's tests of the claims in README.md",
-        "",
-        "Each claims that a has fewer bits per byte than b. Verdict: Welch's one-sided test at 5%,",
-        "either way round; otherwise the difference is within seed noise.",
-        "",
-        claims_table(claims).rstrip(),
+        *claims_section(claims, "a has fewer bits per byte than b"),
         *unfinished_lines(unfinished),
     ]
     return "\n".join(lines) + "\n"

@@ -293,6 +293,19 @@ def claims_table(claims: dict[str, tuple[list[float], list[float]]], digits: int
     return text
 
 
+def claims_section(claims: dict[str, tuple[list[float], list[float]]], claim: str) -> list[str]:
+    """A study report's section of Welch's tests of the claims its README makes, each that
+    `claim` (e.g. "a has fewer bits per byte than b"), as markdown lines."""
+    return [
+        "## Welch's tests of the claims in README.md",
+        "",
+        f"Each claims that {claim}. Verdict: Welch's one-sided test at 5%, either way round;",
+        "otherwise the difference is within seed noise.",
+        "",
+        claims_table(claims).rstrip(),
+    ]
+
+
 def student_t_cdf(t: float, df: float) -> float:
     """P(T <= t) for Student's t with `df` degrees of freedom, through the regularized
     incomplete beta function: P(|T| > |t|) = I_x(df/2, 1/2) with x = df / (df + t^2)."""
