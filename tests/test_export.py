@@ -41,6 +41,7 @@ EXPORTED = {"vocab_size": 300, "init_std": 0.2}
     [
         ({}, "GPT2LMHeadModel"),
         ({"bias": False, "tie_weights": False}, "GPT2LMHeadModel"),
+        ({"mlp": "gelu_exact"}, "GPT2LMHeadModel"),
         (LLAMA | {"n_kv_heads": 2, "bias": True}, "LlamaForCausalLM"),
         (LLAMA | {"n_kv_heads": 1, "bias": False, "tie_weights": False}, "LlamaForCausalLM"),
         ({"parametrization": "mup", "mup_base_width": 16}, "GPT2LMHeadModel"),
@@ -52,6 +53,7 @@ EXPORTED = {"vocab_size": 300, "init_std": 0.2}
     ids=[
         "gpt2",
         "gpt2-no-bias-untied",
+        "gpt2-exact-gelu",
         "llama-gqa-bias",
         "llama-mqa-untied",
         "gpt2-mup",
@@ -116,7 +118,7 @@ def test_every_tokenizer_kind_loads_as_a_fast_tokenizer(tmp_path, kind):
         (LLAMA | {"qk_norm": True}, "llama fails on qk_norm=True (needs False)"),
         (LLAMA | {"norm": "layernorm"}, "llama fails on norm='layernorm' (needs 'rmsnorm')"),
         ({"sliding_window": 4}, "sliding_window=4 (needs None)"),
-        ({"mlp": "relu2"}, "mlp='relu2' (needs 'gelu')"),
+        ({"mlp": "relu2"}, "mlp='relu2' (needs 'gelu' or 'gelu_exact')"),
     ],
 )
 def test_no_matching_architecture_is_a_clear_error(variant, in_the_way):

@@ -206,6 +206,28 @@ def test_every_block_variant_trains(mlp, norm, placement):
     assert isinstance(model.norm_f, nn.Identity) == (placement == "post")
 
 
+@pytest.mark.parametrize(
+    ("mlp", "gelu"),
+    [
+        ("gelu_exact", lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2)))),
+        (
+            "gelu",
+            lambda x: 0.5 * x * (1 + math.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
+        ),
+    ],
+)
+def test_gelu_mlps_apply_their_gelu_form(mlp, gelu):
+    block = MLPS[mlp](tiny_config())
+    with torch.no_grad():  # c_fc the identity on the first 3 units, c_proj reads them out
+        block.c_fc.weight.zero_(), block.c_fc.bias.zero_(), block.c_proj.bias.zero_()
+        block.c_proj.weight.zero_()
+        block.c_fc.weight[:3, :3] = block.c_proj.weight[:3, :3] = torch.eye(3)
+    x = torch.zeros(1, tiny_config().n_embd)
+    x[0, :3] = torch.tensor([-1.5, 0.3, 2.0])
+    out = block(x)[0, :3].tolist()
+    assert out == pytest.approx([gelu(v) for v in (-1.5, 0.3, 2.0)], abs=1e-6)
+
+
 def test_swiglu_hidden_size_is_two_thirds_rounded_to_64():
     assert SwiGLUMLP(tiny_config()).c_fc.out_features == 128  # 2/3 * 128 = 85.3 -> 128
     assert SwiGLUMLP(GPTConfig(n_embd=384)).c_fc.out_features == 1024  # 2/3 * 1536 = 1024
@@ -239,7 +261,7 @@ def test_new_variant_needs_only_registration(monkeypatch):
         (dict(position="rop"), "position='rop'.*alibi, learned, none, rope, sinusoidal"),
         (dict(attention="flash"), "attention='flash'.*eager, sdpa"),
         (dict(norm="batchnorm"), "norm='batchnorm'.*layernorm, rmsnorm"),
-        (dict(mlp="moe"), "mlp='moe'.*gelu, relu2, swiglu"),
+        (dict(mlp="moe"), "mlp='moe'.*gelu, gelu_exact, relu2, swiglu"),
         (dict(norm_placement="sandwich"), "norm_placement='sandwich'.*post, pre"),
         (dict(init="xavier"), "init='xavier'.*gpt2, small_init"),
         (dict(n_embd=30), "n_embd=30.*divisible by n_head=4"),

@@ -2,8 +2,8 @@
 
 Two transformers architectures express gptlab models exactly (same logits):
 
-- GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm, GELU (tanh form, "gelu_new"),
-  pre-norm, multi-head attention. A model without biases exports zero biases.
+- GPT-2 (`GPT2LMHeadModel`): learned positions, LayerNorm, GELU (tanh form "gelu_new", or
+  the exact "gelu"), pre-norm, multi-head attention. A model without biases exports zero biases.
 - Llama (`LlamaForCausalLM`): RoPE, RMSNorm, SwiGLU, pre-norm, any number of KV heads.
   gptlab's RoPE uses the same rotate-half layout and frequencies as transformers' Llama, and
   both give each KV head a contiguous group of query heads, so q/k weights are copied as is.
@@ -31,12 +31,16 @@ from torch import Tensor
 from gptlab.data.tokenizer import EOT_TOKEN, eot_id, unk_id
 from gptlab.model import GPT, GPTConfig
 
-# What each architecture needs of a GPTConfig ("grouped_query": n_kv_heads < n_head).
+# transformers' GPT-2 activation for each of gptlab's GELU MLPs.
+GPT2_ACTIVATIONS = {"gelu": "gelu_new", "gelu_exact": "gelu"}
+
+# What each architecture needs of a GPTConfig ("grouped_query": n_kv_heads < n_head); a tuple
+# lists the values it accepts.
 ARCHITECTURES: dict[str, dict[str, Any]] = {
     "gpt2": {
         "position": "learned",
         "norm": "layernorm",
-        "mlp": "gelu",
+        "mlp": tuple(GPT2_ACTIVATIONS),
         "norm_placement": "pre",
         "grouped_query": False,
         "qk_norm": False,
@@ -68,14 +72,18 @@ def hf_architecture(config: GPTConfig) -> str:
         "sliding_window": config.sliding_window,
     }
     mismatches = {
-        arch: [f"{k}={features[k]!r} (needs {v!r})" for k, v in needs.items() if features[k] != v]
+        arch: [
+            f"{k}={features[k]!r} (needs {_choices(v)})"
+            for k, v in needs.items()
+            if features[k] not in (v if isinstance(v, tuple) else (v,))
+        ]
         for arch, needs in ARCHITECTURES.items()
     }
     for arch, wrong in mismatches.items():
         if not wrong:
             return arch
     supported = "; ".join(
-        f"{arch}: " + ", ".join(f"{k}={v!r}" for k, v in needs.items())
+        f"{arch}: " + ", ".join(f"{k}={_choices(v)}" for k, v in needs.items())
         for arch, needs in ARCHITECTURES.items()
     )
     in_the_way = "; ".join(f"{arch} fails on {', '.join(w)}" for arch, w in mismatches.items())
@@ -83,6 +91,11 @@ def hf_architecture(config: GPTConfig) -> str:
         f"no Hugging Face transformers architecture computes this model ({in_the_way}). "
         f"Supported: {supported}"
     )
+
+
+def _choices(needed: Any) -> str:
+    """'gelu' for one accepted value, 'gelu' or 'gelu_exact' for a tuple of them."""
+    return " or ".join(map(repr, needed)) if isinstance(needed, tuple) else repr(needed)
 
 
 @torch.no_grad()
@@ -120,7 +133,7 @@ def hf_config(model: GPT, tokenizer: Tokenizer) -> dict[str, Any]:
             "n_layer": c.n_layer,
             "n_head": c.n_head,
             "n_inner": block.mlp.c_fc.out_features,
-            "activation_function": "gelu_new",  # the tanh approximation gptlab uses
+            "activation_function": GPT2_ACTIVATIONS[c.mlp],
             "layer_norm_epsilon": block.norm_1.eps,
             "resid_pdrop": c.dropout,
             "embd_pdrop": c.dropout,
