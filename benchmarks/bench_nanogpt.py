@@ -1,12 +1,12 @@
 """gptlab-train against nanoGPT's train.py: the same model on the same data, whole processes.
 
 Both train the same GPT (4 layers, 4 heads, 128 wide, block 128, batch 16, no biases, no
-dropout, tied embeddings, fp32, CPU, torch.compile off) on the same character-level tokens:
-the built-in corpus prepared once by `gptlab-prepare tokenizer=char`, whose token ids are also
-written as nanoGPT's train.bin / val.bin / meta.pkl. Each tool runs as a user runs it, a fresh
-process timed from start to exit, at two run lengths S1 < S2, interleaved (nanoGPT S1, gptlab
-S1, nanoGPT S2, gptlab S2, ...) so that load from other processes hits both alike. From the
-median wall times W(S) = overhead + S x seconds per step:
+dropout, tied embeddings, exact GELU, fp32, CPU, torch.compile off) on the same character-level
+tokens: the built-in corpus prepared once by `gptlab-prepare tokenizer=char`, whose token ids
+are also written as nanoGPT's train.bin / val.bin / meta.pkl. Each tool runs as a user runs it,
+a fresh process timed from start to exit, at two run lengths S1 < S2, interleaved (nanoGPT S1,
+gptlab S1, nanoGPT S2, gptlab S2, ...) so that load from other processes hits both alike. From
+the median wall times W(S) = overhead + S x seconds per step:
 
     steady-state tokens/s      = (S2 - S1) x tokens per step / (W(S2) - W(S1))
     start-up + teardown (s)    = W(S1) - S1 x seconds per step
@@ -44,7 +44,9 @@ import torch
 from tokenizers import Tokenizer
 
 from gptlab.data.shards import read_shard
+from gptlab.model import GPT, GPTConfig
 from gptlab.training.callbacks.throughput import cpu_name
+from gptlab.training.lit_gpt import next_token_loss
 
 MODEL = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128}
 BATCH = 16
@@ -107,6 +109,7 @@ def gptlab_command(steps: int, work: Path, data_dir: Path) -> list[str]:
         *(f"model.{k}={v}" for k, v in MODEL.items()),
         "model.bias=false",
         "model.dropout=0.0",
+        "model.mlp=gelu_exact",  # nanoGPT's nn.GELU(); gptlab's default is GPT-2's tanh form
         f"corpus.dir={data_dir}",
         f"data.loader.batch_size={BATCH}",
         "data.loader.val_windows=32",
@@ -157,6 +160,48 @@ def import_rows(env: dict[str, str], repeats: int) -> list[str]:
     ]
 
 
+def load_nanogpt_model(nanogpt: Path):
+    """nanoGPT's model.py from the checkout, as a module (read, not copied)."""
+    spec = importlib.util.spec_from_file_location("nanogpt_model", nanogpt / "model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def model_step_rows(nanogpt: Path, vocab_size: int, repeats: int = 15, steps: int = 5) -> list[str]:
+    """Forward + backward of the two models in this process, on the same batch and threads: the
+    models' own speed, without either trainer. Median over interleaved repeats of `steps`."""
+    nano = load_nanogpt_model(nanogpt)
+    config = {**MODEL, "vocab_size": vocab_size, "dropout": 0.0, "bias": False}
+    torch.manual_seed(0)
+    models = {
+        "nanoGPT model.py (nn.GELU, exact)": (nano.GPT(nano.GPTConfig(**config)), True),
+        "gptlab GPT, model.mlp=gelu_exact": (GPT(GPTConfig(**config, mlp="gelu_exact")), False),
+        "gptlab GPT, model.mlp=gelu (tanh form, the default)": (GPT(GPTConfig(**config)), False),
+    }
+    x = torch.randint(0, vocab_size, (BATCH, MODEL["block_size"]))
+    y = torch.randint(0, vocab_size, (BATCH, MODEL["block_size"]))
+
+    def step(model: torch.nn.Module, returns_loss: bool) -> None:
+        loss = model(x, y)[1] if returns_loss else next_token_loss(model(x), y)
+        loss.backward()
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for repeat in range(repeats + 1):  # the first round warms up
+        for name, (model, returns_loss) in models.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step(model, returns_loss)
+            if repeat:
+                times[name].append((time.perf_counter() - start) / steps * 1000)
+    base = statistics.median(next(iter(times.values())))
+    return [
+        f"| {name} | {statistics.median(t):.1f} | {min(t):.1f}-{max(t):.1f} | "
+        f"{base / statistics.median(t):.3f} |"
+        for name, t in times.items()
+    ]
+
+
 def installed(package: str) -> str:
     return "yes" if importlib.util.find_spec(package) is not None else "no"
 
@@ -189,6 +234,10 @@ def main(args: argparse.Namespace) -> None:
                 log(f"repeat {repeat + 1}/{args.repeats}: {tool}, {steps} steps: "
                     f"{walls[tool, steps][-1]:.1f} s")  # fmt: skip
     imports = import_rows(env, repeats=2 * args.repeats + 1)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vocab_size = Tokenizer.from_file(str(data_dir / "tokenizer.json")).get_vocab_size()
+    model_steps = model_step_rows(args.nanogpt, vocab_size)
     rows, rates = [], {}
     for tool in tools:
         w_short, w_long = (statistics.median(walls[tool, s]) for s in (short, long))
@@ -228,6 +277,13 @@ def main(args: argparse.Namespace) -> None:
         "| import | seconds |",
         "|---|---:|",
         *imports,
+        "",
+        "The models alone: forward + backward of one batch in this process, same threads, "
+        "median of 15 interleaved repeats of 5 steps",
+        "",
+        "| model | ms per step | min-max | speed vs nanoGPT's |",
+        "|---|---:|---:|---:|",
+        *model_steps,
     ]
     text = "\n".join(report) + "\n"
     print(text)
