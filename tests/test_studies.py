@@ -105,11 +105,13 @@ def test_branch_points_and_the_validation_interval_that_keeps_them():
 def test_schedules_report_from_run_folders(tmp_path):
     root = tmp_path / "schedules"
 
-    def run(arm: str, length: int, seed: int, loss: float, wall: float) -> None:
+    def run(arm: str, length: int, seed: int, loss: float, wall: float, lr=None) -> None:
         overrides = {"trainer.max_steps": length, "seed": seed}
-        write_run(
-            root / arm / f"L{length}-s{seed}", overrides, {"val_loss": loss, "wall_time_s": wall}
-        )
+        if lr is not None:  # the LR scan's runs override it
+            overrides["optimizer.lr"] = lr
+        folder = root / arm / f"L{length}-s{seed}"
+        write_run(folder, overrides, {"val_loss": loss, "wall_time_s": wall})
+        (folder / ".hydra" / "config.yaml").write_text("optimizer:\n  lr: 0.003\n")
 
     cosine = {1: 4.00, 2: 4.02, 3: 4.04, 4: 4.01, 5: 4.03}  # mean 4.02, sd 0.0158
     for seed, loss in cosine.items():
@@ -119,9 +121,20 @@ def test_schedules_report_from_run_folders(tmp_path):
             run("wsd", length, seed, cosine[seed] + (1000 - length) / 500 + 0.001, wall)
         for length, wall, shift in ((500, 60, 0.0), (750, 90, 0.03 if seed == 2 else 0.0)):
             run("branch", length, seed, cosine[seed] + (1000 - length) / 500 + 0.001 + shift, wall)
+    # The LR scan, seeds 1 and 2: both schedules are best at 0.006, cosine 0.1 below its 0.003
+    # runs (mean 3.91) and WSD 0.001 above cosine there; cosine at 0.012 is worse.
+    for seed in (1, 2):
+        run("lr0.006/cosine", 1000, seed, cosine[seed] - 0.1, 600, lr=0.006)
+        run("lr0.006/wsd", 1000, seed, cosine[seed] - 0.099, 600, lr=0.006)
+        run("lr0.012/cosine", 1000, seed, cosine[seed] + 0.2, 600, lr=0.012)
     out = tmp_path / "out"
     schedules_analyze.main(["--log-dir", str(tmp_path), "--out-dir", str(out)])
     text = (out / "results.md").read_text()
+    assert "| cosine | 0.003 | 4.0200 ± 0.0158 (n=5) |" in text
+    assert "| cosine | 0.006 | 3.9100 ± 0.0141 (n=2) |" in text
+    assert "| wsd | 0.003 | 4.0210 ± 0.0200 (n=3) |" in text
+    assert "Best peak LR (lowest mean): cosine 0.006, WSD 0.006" in text
+    assert "WSD at 0.006 vs cosine at 0.006: +0.0010 nats" in text
     assert "**4.0200 ± 0.0158 (n=5)**; range 0.0400" in text
     assert "| 2 | 4.0210 | 4.0200 | +0.0010 |" in text  # WSD vs cosine, seed by seed
     assert "**0.0000**, within the ±0.02 target" in text  # 500 steps: branches exact

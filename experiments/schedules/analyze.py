@@ -14,6 +14,8 @@ import argparse
 import statistics
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from experiments.launch import analysis_arguments
 from experiments.schedules.run import STEPS, TASK, branch_point, shorter_lengths
 from gptlab.analysis import (
@@ -32,6 +34,7 @@ WSD_TARGET = 0.01  # the issue's targets (nats): WSD vs cosine at equal steps,
 BRANCH_TARGET = 0.02  # and a branched decay vs a dedicated run of its length
 
 Finished = dict[int, dict[int, SweepJob]]  # length -> seed -> the finished run
+ByLR = dict[float, dict[int, float]]  # peak LR -> seed -> final val loss
 
 
 def finished(runs: list[SweepJob]) -> Finished:
@@ -72,7 +75,73 @@ def compare(a: dict[int, float], b: dict[int, float]) -> SeedComparison | None:
     return compare_seeds(list(a.values()), list(b.values())) if min(len(a), len(b)) > 1 else None
 
 
-def report(arms: dict[str, Finished], unfinished: list[SweepJob], args: argparse.Namespace) -> str:
+def peak_lr(run: SweepJob) -> float:
+    """The run's peak learning rate: its override, else the config Hydra saved beside it."""
+    if "optimizer.lr" in run.overrides:
+        return float(run.overrides["optimizer.lr"])
+    return float(OmegaConf.load(run.path / ".hydra" / "config.yaml").optimizer.lr)
+
+
+def by_lr(runs: dict[int, SweepJob]) -> ByLR:
+    out: ByLR = {}
+    for seed, run in sorted(runs.items()):
+        out.setdefault(peak_lr(run), {})[seed] = run.results["val_loss"]
+    return out
+
+
+def lr_scan(arms: dict[str, Finished], log_dir: Path, steps: int) -> dict[str, ByLR]:
+    """Each schedule's full-length losses by peak LR: the main arm's (the default LR) and the
+    LR scan's (run.py's lr<LR>/<schedule> folders)."""
+    scan: dict[str, ByLR] = {}
+    if not any((log_dir / TASK).glob("lr*")):
+        return scan
+    for schedule in ("cosine", "wsd"):
+        runs = [dict(arms[schedule].get(steps, {}))]
+        for folder in sorted((log_dir / TASK).glob(f"lr*/{schedule}")):
+            runs.append(finished(load_runs(folder)).get(steps, {}))
+        for found in runs:
+            for lr, values in by_lr(found).items():
+                scan.setdefault(schedule, {}).setdefault(lr, {}).update(values)
+    return scan
+
+
+def lr_scan_section(
+    scan: dict[str, ByLR], comparisons: dict[str, SeedComparison], steps: int
+) -> list[str]:
+    """The loss of each schedule at each peak LR, and WSD at its best LR vs cosine at its."""
+    lines = [
+        "",
+        f"## Peak learning rate: WSD vs cosine, each at its best ({steps} steps)",
+        "",
+        "| schedule | peak LR | final val loss |",
+        "| --- | ---: | ---: |",
+    ]
+    best: dict[str, float] = {}
+    for schedule, losses_by_lr in scan.items():
+        for lr, values in sorted(losses_by_lr.items()):
+            lines.append(f"| {schedule} | {lr:g} | {mean_std_text(list(values.values()), 4)} |")
+        best[schedule] = min(
+            losses_by_lr, key=lambda lr: statistics.mean(losses_by_lr[lr].values())
+        )
+    c = compare(scan["wsd"][best["wsd"]], scan["cosine"][best["cosine"]])
+    lines += [
+        "",
+        f"Best peak LR (lowest mean): cosine {best['cosine']:g}, WSD {best['wsd']:g}. Each best is "
+        "picked on these same runs, which biases both means low by a similar amount.",
+    ]
+    if c is not None:
+        name = f"WSD at {best['wsd']:g} vs cosine at {best['cosine']:g}"
+        comparisons[name] = c
+        lines += ["", f"{name}: {c.difference:+.4f} nats; Welch: {verdict(c, WSD_TARGET)}."]
+    return lines
+
+
+def report(
+    arms: dict[str, Finished],
+    scan: dict[str, ByLR],
+    unfinished: list[SweepJob],
+    args: argparse.Namespace,
+) -> str:
     steps, shorter = args.steps, shorter_lengths(args.steps)
     cosine, wsd, branch = (arms[arm] for arm in ARMS)
     lines = [
@@ -101,6 +170,8 @@ def report(arms: dict[str, Finished], unfinished: list[SweepJob], args: argparse
             comparisons[f"WSD vs cosine, {steps} steps"] = c
             lines += [f"Welch: {verdict(c, WSD_TARGET)}.", ""]
         lines += ["Same seeds side by side:", "", *paired_table("WSD", a, "cosine", b)]
+    if len(scan) == 2 and any(len(by) > 1 for by in scan.values()):
+        lines += lr_scan_section(scan, comparisons, steps)
     lines += [
         "",
         "## Decays branched off the stable run vs dedicated WSD runs",
@@ -211,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
             "run `python -m experiments.schedules.run` first"
         )
     unfinished = [run for arm_runs in runs.values() for run in arm_runs if run.results is None]
-    text = report(arms, unfinished, args)
+    text = report(arms, lr_scan(arms, args.log_dir, args.steps), unfinished, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.md").write_text(text, encoding="utf-8")
     plot(arms, args.out_dir / "curves.png", args)

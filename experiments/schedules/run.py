@@ -10,7 +10,10 @@ Runs go under <log dir>/schedules/, in two lanes side by side, one thread each:
   runs of half the steps, 3 seeds;
 - lane 2: WSD of the full steps, 3 seeds, keeping its stable-phase checkpoints: the stable run
   and the full-length WSD result in one; then the decays branched off its checkpoints to half
-  and three quarters of the steps; then dedicated WSD runs of three quarters of the steps.
+  and three quarters of the steps; then dedicated WSD runs of three quarters of the steps;
+- last, each lane its schedule (lane 1 cosine, lane 2 WSD) at the full steps at higher peak
+  learning rates (--scan-lrs, seeds --scan-seeds) under <log dir>/schedules/lr<LR>/<schedule>/:
+  is WSD's lead over cosine at the default LR a matter of the learning rate?
 
 A branch to L steps resumes the stable run's checkpoint at step L - decay (WSD's decay is
 decay_fraction x L) with trainer.max_steps=L. Validation runs every gcd(branch points, steps)
@@ -33,6 +36,8 @@ STEPS = 1000  # the default budget
 COSINE_SEEDS = (1, 2, 3, 4, 5)
 WSD_SEEDS = (1, 2, 3)
 SHORTER = (0.5, 0.75)  # the lengths branched off the stable run, as fractions of the steps
+SCAN_LRS = (6e-3, 1.2e-2)  # 2x and 4x the default peak LR, 3e-3
+SCAN_SEEDS = (1, 2)
 KEYS = ("trainer.max_steps", "seed")  # what makes a run, within one arm's folder
 NO_CHECKPOINTS = ["++trainer.enable_checkpointing=false", "callbacks.model_checkpoint=null"]
 
@@ -117,6 +122,21 @@ def branches(args: argparse.Namespace) -> None:
             gptlab_train(overrides, args.log_dir / TASK / "launch.log")
 
 
+def lr_scan(schedule: str, args: argparse.Namespace) -> list[Callable[[], None]]:
+    """Full-length runs of `schedule` at each of the scan's peak learning rates."""
+    return [
+        sweep(
+            f"lr{lr:g}/{schedule}",
+            schedule,
+            args.steps,
+            args.scan_seeds,
+            args,
+            [*NO_CHECKPOINTS, f"optimizer.lr={lr:g}"],
+        )
+        for lr in args.scan_lrs
+    ]
+
+
 def lanes(args: argparse.Namespace) -> list[Callable[[], None]]:
     half, three_quarters = shorter_lengths(args.steps)
     cosine = sweep("cosine", "cosine", args.steps, args.cosine_seeds, args, NO_CHECKPOINTS)
@@ -130,11 +150,15 @@ def lanes(args: argparse.Namespace) -> list[Callable[[], None]]:
     def lane_1() -> None:
         cosine()
         dedicated[0]()
+        for scan in lr_scan("cosine", args):
+            scan()
 
     def lane_2() -> None:
         stable()
         branches(args)
         dedicated[1]()
+        for scan in lr_scan("wsd", args):
+            scan()
 
     return [lane_1, lane_2]
 
@@ -144,6 +168,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--cosine-seeds", type=int, nargs="+", default=COSINE_SEEDS)
     parser.add_argument("--wsd-seeds", type=int, nargs="+", default=WSD_SEEDS)
+    parser.add_argument("--scan-lrs", type=float, nargs="*", default=SCAN_LRS)
+    parser.add_argument("--scan-seeds", type=int, nargs="+", default=SCAN_SEEDS)
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
     return parser.parse_args(argv)
 
