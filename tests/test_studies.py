@@ -266,8 +266,9 @@ def test_finetune_report_from_run_folders(tmp_path):
         start = "init_from=null" if "scratch" in setting else pretrained
         write_run_folder(folder, [start, f"seed={seed}"], {"val_acc": acc, "val_loss": loss})
         writer = SummaryWriter(str(folder / "tensorboard"))
-        writer.add_scalar("accuracy/val", acc_100, 100)
-        writer.add_scalar("accuracy/val", acc, 300)
+        writer.add_scalar("accuracy/val", acc_100, 99)  # Lightning's step for "after 100"
+        writer.add_scalar("accuracy/val", acc_100 - 0.5, 199)
+        writer.add_scalar("accuracy/val", acc, 299)
         writer.close()
 
     for seed in (1, 2, 3):

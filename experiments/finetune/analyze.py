@@ -21,7 +21,14 @@ EARLY = 100  # the step of the early accuracy README.md compares
 
 
 def accuracy_at(step: int) -> Callable[[SweepJob], float]:
-    return lambda run: 100 * dict(run.scalars["accuracy/val"])[step]
+    """The val accuracy of the validation after `step` optimizer steps: the last one logged at
+    or before `step` (Lightning logs the validation after 100 steps at step 99)."""
+
+    def accuracy(run: SweepJob) -> float:
+        logged = dict(run.scalars["accuracy/val"])
+        return 100 * logged[max(s for s in logged if s <= step)]
+
+    return accuracy
 
 
 # metric -> how a finished run gives it (accuracies in percent)
