@@ -27,14 +27,21 @@ STAMP = "${now:%Y-%m-%d_%H-%M-%S}"
 
 
 def analysis_arguments(
-    description: str, steps: int, out_dir: Path, argv: list[str] | None
+    description: str,
+    steps: int,
+    out_dir: Path,
+    argv: list[str] | None,
+    add_options: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> argparse.Namespace:
     """The command line of a study's analysis: where its runs are (--log-dir), the run length
-    that counts as finished (--steps) and where the tables and plots go (--out-dir)."""
+    that counts as finished (--steps) and where the tables and plots go (--out-dir), plus the
+    study's own options (`add_options`)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--out-dir", type=Path, default=out_dir)
+    if add_options is not None:
+        add_options(parser)
     return parser.parse_args(argv)
 
 

@@ -14,7 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from experiments.finetune import analyze as finetune_analyze
 from experiments.finetune import run as finetune_run
 from experiments.launch import done_settings, products
-from experiments.mup import transfer_analyze
+from experiments.mup import transfer_analyze, transfer_run
 from experiments.schedules import analyze as schedules_analyze
 from experiments.schedules.run import branch_point, common, shorter_lengths
 from experiments.tokenizers import analyze as tokenizers_analyze
@@ -80,8 +80,21 @@ def test_transfer_report_from_run_folders(tmp_path):
                     folder = tmp_path / "mup_transfer" / p / f"w{width}" / f"{lr}-{seed}"
                     write_run(folder, overrides, {"val_loss": loss})
     write_run(tmp_path / "mup_transfer" / "sp" / "w32" / "lost", {"seed": 9}, error="diverged")
+    for p in ("sp", "mup"):  # another base init std: its own study, 1 nat lower everywhere
+        for width in (32, 64):
+            for lr, seeds in parabola_losses(-6.0, grid, 3.0).items():
+                for seed, loss in enumerate(seeds, 1):
+                    overrides = {"trainer.max_steps": 10, "model.n_embd": width}
+                    overrides |= {"optimizer.lr": lr, "seed": seed, "model.init_std": 0.05}
+                    folder = tmp_path / "mup_transfer" / p / f"w{width}" / f"i{lr}-{seed}"
+                    write_run(folder, overrides, {"val_loss": loss})
     out = tmp_path / "out"
-    transfer_analyze.main(["--log-dir", str(tmp_path), "--steps", "10", "--out-dir", str(out)])
+    args = ["--log-dir", str(tmp_path), "--steps", "10", "--out-dir", str(out)]
+    transfer_analyze.main([*args, "--init-std", "0.05"])
+    text = (out / "transfer.md").read_text()
+    assert "(10 steps of experiment=small_cpu, model.init_std=0.05)" in text
+    assert "| 0.01562 | -6.0 | **3.000 ± 0.014 (n=2)** | **3.000 ± 0.014 (n=2)** |" in text
+    transfer_analyze.main(args)
     text = (out / "transfer.md").read_text()
     assert "Not counted: 1 runs" in text and "diverged" in text
     sp, mup = text.split("## μP")
@@ -90,6 +103,20 @@ def test_transfer_report_from_run_folders(tmp_path):
     assert "The optimum is at the grid's edge at width 64" in sp
     assert "Drift of the optimal LR across widths (max / min): 1x on the grid, 1x fitted" in mup
     assert (out / "transfer.png").stat().st_size > 10_000
+
+
+def test_transfer_study_with_an_init_std_trains_its_own_runs(tmp_path, monkeypatch):
+    root = tmp_path / "mup_transfer"
+    done = {"trainer.max_steps": 10, "model.n_embd": 32, "optimizer.lr": 0.01, "seed": 1}
+    write_run(root / "sp" / "w32" / "0", done, {"val_loss": 4.0})  # the default init std
+    argv = ["--widths", "32", "64", "--lrs", "0.01", "--seeds", "1", "--steps", "10"]
+    argv += ["--log-dir", str(tmp_path)]
+    default = launched(transfer_run, monkeypatch, argv)
+    assert [override(c, "model.n_embd") for c in default] == ["32", "64", "64"]  # sp 32 done
+    assert not any(o.startswith("model.init_std") for c in default for o in c)
+    tuned = launched(transfer_run, monkeypatch, [*argv, "--init-std", "0.05"])
+    assert len(tuned) == 4 and all(override(c, "model.init_std") == "0.05" for c in tuned)
+    composes(tuned[0], tmp_path)
 
 
 def test_branch_points_and_the_validation_interval_that_keeps_them():

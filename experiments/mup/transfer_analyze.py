@@ -15,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from experiments.launch import analysis_arguments
-from experiments.mup.transfer_run import STEPS, TASK
+from experiments.mup.transfer_run import STEPS, TASK, add_init_std_option, init_std_override
 from gptlab.analysis import (
     GridOptimum,
     SweepJob,
@@ -35,13 +35,15 @@ ALPHA = 0.05
 Losses = dict[int, dict[float, list[float]]]  # width -> lr -> final val loss of each seed
 
 
-def final_losses(runs: list[SweepJob], steps: int) -> Losses:
-    """The final val losses of the finished runs of `steps` steps, by width and LR."""
+def final_losses(runs: list[SweepJob], steps: int, init_std: float | None = None) -> Losses:
+    """The final val losses of the finished runs of `steps` steps and `init_std` (None: the
+    config's), by width and LR."""
     losses: Losses = {}
-    keys = ("trainer.max_steps", "model.n_embd", "optimizer.lr")
-    for (run_steps, width, lr), group in group_runs(runs, keys).items():
+    keys = ("trainer.max_steps", "model.init_std", "model.n_embd", "optimizer.lr")
+    setting = (str(steps), init_std_override(init_std))
+    for (run_steps, init, width, lr), group in group_runs(runs, keys).items():
         finished = [run.results["val_loss"] for run in group if run.results is not None]
-        if run_steps == str(steps) and finished:
+        if (run_steps, init) == setting and finished:
             losses.setdefault(int(width), {})[float(lr)] = finished
     return {w: dict(sorted(by_lr.items())) for w, by_lr in sorted(losses.items())}
 
@@ -121,9 +123,15 @@ def wider_table(losses: Losses) -> tuple[list[str], int, int, int]:
     return lines, tested, worse, significant
 
 
-def report(losses_by_p: dict[str, Losses], unfinished: list[SweepJob], steps: int) -> str:
+def report(
+    losses_by_p: dict[str, Losses],
+    unfinished: list[SweepJob],
+    steps: int,
+    init_std: float | None = None,
+) -> str:
+    init = "" if init_std is None else f", model.init_std={init_std:g}"
     lines = [
-        f"# LR transfer, SP vs μP: results ({steps} steps of experiment=small_cpu)",
+        f"# LR transfer, SP vs μP: results ({steps} steps of experiment=small_cpu{init})",
         "",
         "Written by `python -m experiments.mup.transfer_analyze`. Final validation loss "
         "(nats/token), mean ± sample sd over seeds (n = seeds that finished).",
@@ -181,9 +189,9 @@ def plot(losses_by_p: dict[str, Losses], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = analysis_arguments(__doc__.splitlines()[0], STEPS, HERE, argv)
+    args = analysis_arguments(__doc__.splitlines()[0], STEPS, HERE, argv, add_init_std_option)
     runs = {p: load_runs(args.log_dir / TASK / p) for p in PARAMETRIZATIONS}
-    losses = {p: final_losses(r, args.steps) for p, r in runs.items()}
+    losses = {p: final_losses(r, args.steps, args.init_std) for p, r in runs.items()}
     missing = [PARAMETRIZATIONS[p] for p, by_width in losses.items() if not by_width]
     if missing:
         raise SystemExit(
@@ -191,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.log_dir / TASK}: run `python -m experiments.mup.transfer_run` first"
         )
     unfinished = [run for r in runs.values() for run in r if run.results is None]
-    text = report(losses, unfinished, args.steps)
+    text = report(losses, unfinished, args.steps, args.init_std)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "transfer.md").write_text(text, encoding="utf-8")
     plot(losses, args.out_dir / "transfer.png")
