@@ -162,6 +162,7 @@ def test_schedules_report_from_run_folders(tmp_path):
     assert "| wsd | 0.003 | 4.0210 ± 0.0200 (n=3) |" in text
     assert "Best peak LR (lowest mean): cosine 0.006, WSD 0.006" in text
     assert "WSD at 0.006 vs cosine at 0.006: +0.0010 nats" in text
+    assert "| 2 | 3.9210 | 3.9200 | +0.0010 |" in text  # best vs best, seed by seed
     assert "**4.0200 ± 0.0158 (n=5)**; range 0.0400" in text
     assert "| 2 | 4.0210 | 4.0200 | +0.0010 |" in text  # WSD vs cosine, seed by seed
     assert "**0.0000**, within the ±0.02 target" in text  # 500 steps: branches exact

@@ -129,10 +129,12 @@ def lr_scan_section(
         f"Best peak LR (lowest mean): cosine {best['cosine']:g}, WSD {best['wsd']:g}. Each best is "
         "picked on these same runs, which biases both means low by a similar amount.",
     ]
+    name = f"WSD at {best['wsd']:g} vs cosine at {best['cosine']:g}"
     if c is not None:
-        name = f"WSD at {best['wsd']:g} vs cosine at {best['cosine']:g}"
         comparisons[name] = c
         lines += ["", f"{name}: {c.difference:+.4f} nats; Welch: {verdict(c, WSD_TARGET)}."]
+    a, b = scan["wsd"][best["wsd"]], scan["cosine"][best["cosine"]]
+    lines += ["", f"{name}, same seeds side by side:", "", *paired_table("WSD", a, "cosine", b)]
     return lines
 
 
