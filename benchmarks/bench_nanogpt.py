@@ -168,9 +168,12 @@ def load_nanogpt_model(nanogpt: Path):
     return module
 
 
-def model_step_rows(nanogpt: Path, vocab_size: int, repeats: int = 15, steps: int = 5) -> list[str]:
+MODEL_REPEATS, MODEL_STEPS = 15, 5  # the models-alone timing: interleaved repeats of 5 steps
+
+
+def model_step_rows(nanogpt: Path, vocab_size: int) -> list[str]:
     """Forward + backward of the two models in this process, on the same batch and threads: the
-    models' own speed, without either trainer. Median over interleaved repeats of `steps`."""
+    models' own speed, without either trainer. Median over interleaved repeats of steps."""
     nano = load_nanogpt_model(nanogpt)
     config = {**MODEL, "vocab_size": vocab_size, "dropout": 0.0, "bias": False}
     torch.manual_seed(0)
@@ -187,13 +190,13 @@ def model_step_rows(nanogpt: Path, vocab_size: int, repeats: int = 15, steps: in
         loss.backward()
 
     times: dict[str, list[float]] = {name: [] for name in models}
-    for repeat in range(repeats + 1):  # the first round warms up
+    for repeat in range(MODEL_REPEATS + 1):  # the first round warms up
         for name, (model, returns_loss) in models.items():
             start = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(MODEL_STEPS):
                 step(model, returns_loss)
             if repeat:
-                times[name].append((time.perf_counter() - start) / steps * 1000)
+                times[name].append((time.perf_counter() - start) / MODEL_STEPS * 1000)
     base = statistics.median(next(iter(times.values())))
     return [
         f"| {name} | {statistics.median(t):.1f} | {min(t):.1f}-{max(t):.1f} | "
@@ -279,7 +282,7 @@ def main(args: argparse.Namespace) -> None:
         *imports,
         "",
         "The models alone: forward + backward of one batch in this process, same threads, "
-        "median of 15 interleaved repeats of 5 steps",
+        f"median of {MODEL_REPEATS} interleaved repeats of {MODEL_STEPS} steps",
         "",
         "| model | ms per step | min-max | speed vs nanoGPT's |",
         "|---|---:|---:|---:|",

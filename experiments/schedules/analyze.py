@@ -89,7 +89,7 @@ def by_lr(runs: dict[int, SweepJob]) -> ByLR:
     return out
 
 
-def lr_scan(arms: dict[str, Finished], log_dir: Path, steps: int) -> dict[str, ByLR]:
+def scan_losses(arms: dict[str, Finished], log_dir: Path, steps: int) -> dict[str, ByLR]:
     """Each schedule's full-length losses by peak LR: the main arm's (the default LR) and the
     LR scan's (run.py's lr<LR>/<schedule> folders)."""
     scan: dict[str, ByLR] = {}
@@ -123,7 +123,8 @@ def lr_scan_section(
         best[schedule] = min(
             losses_by_lr, key=lambda lr: statistics.mean(losses_by_lr[lr].values())
         )
-    c = compare(scan["wsd"][best["wsd"]], scan["cosine"][best["cosine"]])
+    a, b = scan["wsd"][best["wsd"]], scan["cosine"][best["cosine"]]
+    c = compare(a, b)
     lines += [
         "",
         f"Best peak LR (lowest mean): cosine {best['cosine']:g}, WSD {best['wsd']:g}. Each best is "
@@ -133,7 +134,6 @@ def lr_scan_section(
     if c is not None:
         comparisons[name] = c
         lines += ["", f"{name}: {c.difference:+.4f} nats; Welch: {verdict(c, WSD_TARGET)}."]
-    a, b = scan["wsd"][best["wsd"]], scan["cosine"][best["cosine"]]
     lines += ["", f"{name}, same seeds side by side:", "", *paired_table("WSD", a, "cosine", b)]
     return lines
 
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
             "run `python -m experiments.schedules.run` first"
         )
     unfinished = [run for arm_runs in runs.values() for run in arm_runs if run.results is None]
-    text = report(arms, lr_scan(arms, args.log_dir, args.steps), unfinished, args)
+    text = report(arms, scan_losses(arms, args.log_dir, args.steps), unfinished, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "results.md").write_text(text, encoding="utf-8")
     plot(arms, args.out_dir / "curves.png", args)

@@ -75,7 +75,7 @@ def hf_architecture(config: GPTConfig) -> str:
         arch: [
             f"{k}={features[k]!r} (needs {_choices(v)})"
             for k, v in needs.items()
-            if features[k] not in (v if isinstance(v, tuple) else (v,))
+            if features[k] not in _accepted(v)
         ]
         for arch, needs in ARCHITECTURES.items()
     }
@@ -93,9 +93,14 @@ def hf_architecture(config: GPTConfig) -> str:
     )
 
 
+def _accepted(needed: Any) -> tuple:
+    """The values an ARCHITECTURES entry accepts: the tuple itself, or its one value."""
+    return needed if isinstance(needed, tuple) else (needed,)
+
+
 def _choices(needed: Any) -> str:
     """'gelu' for one accepted value, 'gelu' or 'gelu_exact' for a tuple of them."""
-    return " or ".join(map(repr, needed)) if isinstance(needed, tuple) else repr(needed)
+    return " or ".join(map(repr, _accepted(needed)))
 
 
 @torch.no_grad()
