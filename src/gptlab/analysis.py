@@ -419,16 +419,36 @@ def coordinate_check(
     config: GPTConfig,
     widths: Sequence[int],
     steps: int = 3,
-    lr: float = 1e-2,
-    batch_size: int = 8,
-    seed: int = 0,
+    lr: float = 3e-3,
+    batch_size: int = 1,
+    seeds: Sequence[int] = (0,),
 ) -> dict[int, dict[str, float]]:
     """How far each layer's activations move in `steps` AdamW steps, at each width: the
     coordinate check of Yang et al. (Tensor Programs V, figure 5). Each model is `config` at
-    n_embd=width (same heads, so head size grows), trained on one fixed random batch; the
-    result maps width -> {layer: mean |x_steps - x_0|} for the token embedding, every block's
-    output and the logits. Under muP (with `config.mup_base_width` set) these stay flat as the
-    width grows; under SP they grow with it."""
+    n_embd=width (same heads, so head size grows), trained on one fixed random batch of
+    `batch_size` rows of block_size tokens; the result maps width -> {layer: mean |x_steps -
+    x_0|} for the token embedding, every block's output and the logits, averaged over `seeds`.
+    Under muP (with `config.mup_base_width` set) these stay flat as the width grows; under SP
+    they grow with it.
+
+    muP's flatness is a statement about width -> infinity with the batch held fixed. Adam's first
+    steps are nearly sign updates, and the part of a sign update aligned with a token's input
+    grows as width / sqrt(tokens) while the unaligned rest grows as sqrt(width): at widths not
+    far above the batch's token count the check shows that finite-width rest (it falls as
+    sqrt(tokens / width)). Hence the default of one row: keep batch_size * block_size below the
+    narrowest width."""
+    runs = [_coordinate_changes(config, widths, steps, lr, batch_size, seed) for seed in seeds]
+    return {
+        width: {
+            layer: sum(run[width][layer] for run in runs) / len(runs) for layer in runs[0][width]
+        }
+        for width in widths
+    }
+
+
+def _coordinate_changes(
+    config: GPTConfig, widths: Sequence[int], steps: int, lr: float, batch_size: int, seed: int
+) -> dict[int, dict[str, float]]:
     results = {}
     for width in widths:
         torch.manual_seed(seed)

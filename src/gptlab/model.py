@@ -93,6 +93,9 @@ class GPTConfig:
     qk_norm: bool = False
     sliding_window: int | None = None  # tokens a query sees, itself included; None = full causal
     tie_weights: bool = True
+    # Start the (untied) LM head at zero, as Tensor Programs V advises under muP: its random
+    # init adds a term to the logits' updates that vanishes only as 1/sqrt(width).
+    readout_zero_init: bool = False
     init: str = "gpt2"  # weight initialisation scheme
     init_std: float = 0.02  # the "gpt2" scheme's standard deviation
     # How init, multipliers and learning rates scale with width (gptlab.parametrization): "sp",
@@ -136,6 +139,11 @@ class GPTConfig:
         self._require(self.rope_theta > 0, "rope_theta", "> 0")
         self._require(self.mlp_ratio > 0, "mlp_ratio", "> 0")
         self._require(self.init_std > 0, "init_std", "> 0")
+        self._require(
+            not (self.readout_zero_init and self.tie_weights),
+            "readout_zero_init",
+            "False while tie_weights=True (a zero head would zero the tied embedding)",
+        )
         base = self.mup_base_width
         self._require(
             base is None or (isinstance(base, int) and base >= 1 and base % self.n_head == 0),
@@ -181,7 +189,7 @@ class GPTConfig:
     # Fields that change how the model runs or is initialised, not what its weights mean: a
     # checkpoint may be resumed or finetuned with other values of these.
     RUN_ONLY_FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"dropout", "attention", "init", "init_std"}
+        {"dropout", "attention", "init", "init_std", "readout_zero_init"}
     )
 
     def architecture_differences(self, other: GPTConfig) -> list[tuple[str, Any, Any]]:
@@ -735,6 +743,8 @@ class GPT(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=residual_std * hidden)
+        if c.readout_zero_init:
+            nn.init.zeros_(self.lm_head.weight)
 
     def new_kv_cache(self, max_len: int | None = None) -> KVCache:
         """An empty cache for up to `max_len` tokens (default: block_size). Batch size, dtype and

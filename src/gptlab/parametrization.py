@@ -22,6 +22,12 @@ and two multipliers in the forward pass:
 - attention scores are scaled by 1 / d_head instead of 1 / sqrt(d_head), written
   sqrt(d0_head) / d_head so that it equals SP's scale at the base width (TP V, section 4).
 
+TP V also advises starting the readout at zero: its random init adds a term to the logits'
+updates that vanishes only as 1/sqrt(width). `model.readout_zero_init=true` does that for an
+untied head (`model.tie_weights=false`); a tied head is the token embedding and keeps its init
+(experiments/mup/README.md measures the term: the logits' updates fall 1.54x from width 64 to
+1024 with the tied head, 1.09x with a zero one).
+
 Muon (`optimizer=muon`) already normalises each hidden matrix's update to a width-independent
 spectral size when its learning rate is adjusted by sqrt(fan_out / fan_in) (Keller Jordan's
 original scaling): that is the spectral condition for feature learning (Yang, Simon and
