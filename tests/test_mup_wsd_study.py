@@ -1,5 +1,5 @@
 """The μP + WSD scaling study's launcher (experiments/scaling_laws/mup_wsd_run.py): its plan
-(which runs, which branch points, the skip rules), the LR choice, and a smoke run of the whole
+(which runs, which branch points, the skip rules), the choice of the base LR and init std, and a smoke run of the whole
 study on the tiny data, each gptlab-train run made in-process."""
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def test_the_plan_keeps_one_stable_run_per_width_and_branches_the_other_budgets(
     tiny_data_dir, tmp_path
 ):
     args = study_args(tiny_data_dir, tmp_path)
-    plans = study.plan_sweep(study.Planner(study.common_overrides(args)), args, lr=1e-3)
+    plans = study.plan_sweep(
+        study.Planner(study.common_overrides(args)), args, study.Base(1e-3, None)
+    )
     by_width = {p.width: p for p in plans}
     narrow, wide = by_width[16], by_width[32]
     # The largest budget the rules leave is the stable run; the rules' reasons are kept.
@@ -55,7 +57,7 @@ def test_the_plan_keeps_one_stable_run_per_width_and_branches_the_other_budgets(
         assert all(b.branch_step <= plan.stable.branch_step for b in plan.branches)
     assert narrow.steps_trained == narrow.stable.plan.steps + narrow.branches[0].decay_steps
     assert narrow.steps_dedicated == narrow.stable.plan.steps + narrow.branches[0].plan.steps
-    assert all(p.run_dir.parent == tmp_path / "scaling_law_mup" / "mup_wsd" / "runs" for p in
+    assert all(p.run_dir.parent == tmp_path / "scaling_law_mup" / "mup_wsd_init" / "runs" for p in
                [narrow.stable, *narrow.branches, *narrow.skipped])  # fmt: skip
 
 
@@ -64,30 +66,58 @@ def finished(run_dir: Path, val_loss: float) -> None:
     (run_dir / RESULT_FILE).write_text(json.dumps({"status": "finished", "val_loss": val_loss}))
 
 
-def tuning_points(tiny_data_dir, tmp_path, lrs: list[str]):
-    args = study_args(tiny_data_dir, tmp_path, "--lrs", *lrs, "--tuning-budget", "1e9")
+def tuning_points(tiny_data_dir, tmp_path, lrs: list[str], init_stds: list[str]):
+    grid = ["--lrs", *lrs, "--init-stds", *init_stds, "--tuning-budget", "1e9"]
+    args = study_args(tiny_data_dir, tmp_path, *grid)
     return args, study.tuning_points(study.Planner(study.common_overrides(args)), args)
 
 
-def test_the_lr_is_the_lowest_loss_and_refused_at_the_grids_edge(tiny_data_dir, tmp_path):
-    args, points = tuning_points(tiny_data_dir, tmp_path, ["0.004", "0.001", "0.002"])
-    assert [p.overrides["optimizer.lr"] for p in points] == [0.001, 0.002, 0.004]  # sorted
-    assert {p.overrides["model.n_embd"] for p in points} == {16}  # the base width
-    for point, loss in zip(points, (4.0, 3.5, 3.7), strict=True):
-        finished(point.run_dir, loss)
-    assert study.choose_lr(points, args)["lr"] == 0.002
-    assert json.loads((tmp_path / "scaling_law_mup" / "mup_wsd" / study.LR_FILE).read_text())[
-        "val_loss"
-    ] == [4.0, 3.5, 3.7]
+def grid_of(points) -> list[tuple[float, float]]:
+    return [(p.overrides["optimizer.lr"], p.overrides["model.init_std"]) for p in points]
 
-    args, points = tuning_points(tiny_data_dir, tmp_path / "edge", ["0.001", "0.002", "0.004"])
-    finished(points[0].run_dir, 3.0)
+
+def test_the_base_is_the_lowest_loss_of_the_lr_by_init_grid(tiny_data_dir, tmp_path):
+    lrs, init_stds = ["0.004", "0.001", "0.002"], ["0.2", "0.05", "0.1"]
+    args, points = tuning_points(tiny_data_dir, tmp_path, lrs, init_stds)
+    assert grid_of(points) == [(lr, s) for lr in (0.001, 0.002, 0.004) for s in (0.05, 0.1, 0.2)]
+    assert {p.overrides["model.n_embd"] for p in points} == {16}  # the base width
+    assert len({p.run_dir for p in points}) == 9
+    losses = [4.0, 3.9, 4.1, 3.6, 3.5, 3.7, 3.8, 3.75, 3.9]  # lowest: lr 0.002, init 0.1
+    for point, loss in zip(points, losses, strict=True):
+        finished(point.run_dir, loss)
+    assert study.choose_base(points, args) == study.Base(lr=0.002, init_std=0.1)
+    tuned = json.loads(
+        (tmp_path / "scaling_law_mup" / "mup_wsd_init" / study.TUNED_FILE).read_text()
+    )
+    assert [r["val_loss"] for r in tuned["runs"]] == losses and tuned["at_edge"] == []
+    # Every later run trains at the base's LR and init std.
+    plans = study.plan_sweep(
+        study.Planner(study.common_overrides(args)), args, study.Base(0.002, 0.1)
+    )
+    assert {(p.stable.overrides["optimizer.lr"], p.stable.overrides["model.init_std"])
+            for p in plans} == {(0.002, 0.1)}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("best", "axis"), [(1, "--lrs"), (5, "--init-stds"), (8, "--lrs and --init-stds")]
+)
+def test_a_base_at_an_end_of_either_axis_is_refused(tiny_data_dir, tmp_path, best, axis):
+    args, points = tuning_points(tiny_data_dir, tmp_path, ["0.001", "0.002", "0.004"],
+                                 ["0.05", "0.1", "0.2"])  # fmt: skip
+    for n, point in enumerate(points):
+        finished(point.run_dir, 3.0 if n == best else 4.0)
+    with pytest.raises(SystemExit, match=f"edge of the grid \\({axis}\\)"):
+        study.choose_base(points, args)
+
+
+def test_a_diverged_run_loses_and_a_one_value_axis_has_no_edge(tiny_data_dir, tmp_path):
+    args, points = tuning_points(tiny_data_dir, tmp_path, ["0.001", "0.002", "0.004"], ["0.1"])
+    finished(points[0].run_dir, 3.6)
     finished(points[1].run_dir, 3.5)
     (points[2].run_dir).mkdir(parents=True)  # diverged: stopped without a record
     (points[2].run_dir / "results.json").write_text("{}")
     assert points[2].done and points[2].val_loss == float("inf")
-    with pytest.raises(SystemExit, match="edge of the grid"):
-        study.choose_lr(points, args)
+    assert study.choose_base(points, args) == study.Base(lr=0.002, init_std=0.1)
 
 
 class InProcess:
@@ -117,7 +147,7 @@ def test_a_smoke_run_of_the_study_branches_records_and_reruns_nothing(
     monkeypatch.setattr(study, "run_lanes", sequential)
     args = study_args(tiny_data_dir, tmp_path, "--lr", "0.002")
     summary = study.run_study(args)
-    runs = tmp_path / "scaling_law_mup" / "mup_wsd" / "runs"
+    runs = tmp_path / "scaling_law_mup" / "mup_wsd_init" / "runs"
     records = {p.parent.name: json.loads(p.read_text()) for p in runs.glob(f"*/{RESULT_FILE}")}
     assert sorted(records) == ["C1e9-d16-s1", "C1e9-d32-s1", "C3e8-d16-s1", "C3e9-d32-s1"]
     assert {r["status"] for r in records.values()} == {"finished"}

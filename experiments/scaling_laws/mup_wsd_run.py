@@ -4,10 +4,12 @@ experiment=scaling_law_mup, trained in two steps, then fitted.
     python -m experiments.scaling_laws.mup_wsd_run     # the study; a rerun skips finished runs
     gptlab-scaling sweep_dir=logs/scaling_law_mup/mup_wsd/runs n_params=both out_dir=...
 
-1. The learning rate, tuned once: dedicated WSD runs of the base width (the smallest, where μP
-   is SP) at one budget over a grid in 2x steps, one seed. The lowest final validation loss
-   wins, unless it lies at an end of the grid (the study stops: widen --lrs). The choice is
-   written to lr.json in the sweep folder; every later run trains at it.
+1. The base hyperparameters, tuned once: dedicated WSD runs of the base width (the smallest,
+   where μP is SP) at one budget over a grid of learning rates (2x steps) x init stds
+   (model.init_std, the std at the base width; μP scales it for wider models), one seed. The
+   lowest final validation loss wins, unless it lies at an end of either axis of the grid (the
+   study stops: widen --lrs or --init-stds). The choice is written to tuned.json in the sweep
+   folder; every later run trains at it.
 2. The sweep, per width and seed: every budget is planned by gptlab-train's own plan
    (`plan_scaling_run`) and the points the sweep's rules skip (min_steps, max_epochs) are
    dropped. ONE WSD run trains at the largest budget left, keeping a checkpoint at every other
@@ -17,7 +19,8 @@ experiment=scaling_law_mup, trained in two steps, then fitted.
    deleted. A branch whose checkpoint is missing trains from scratch: the same result (bit for
    bit, tests/test_schedules.py), at full cost.
 
-Runs go under <log dir>/scaling_law_mup/<sweep name>/: lr_tuning/lr<lr>/C<budget>-d<width>-s<seed>
+Runs go under <log dir>/scaling_law_mup/<sweep name>/:
+lr_tuning/lr<lr>-init<std>/C<budget>-d<width>-s<seed>
 and runs/C<budget>-d<width>-s<seed>, in two lanes side by side, one thread each (each lane's
 output in launch.log). plan.json there lists every run, its branch point and the steps saved.
 """
@@ -50,14 +53,15 @@ from gptlab.training.optim import SchedulerConfig
 
 TASK = "scaling_law_mup"
 EXPERIMENT = "scaling_law_mup"
-SWEEP = "mup_wsd"
+SWEEP = "mup_wsd_init"
 WIDTHS = (16, 32, 48, 64, 80, 96, 112, 128)
 # The largest budget is the one gptlab-scaling holds out.
 BUDGETS = (1e11, 1.7e11, 3e11, 5.5e11, 1e12, 1.7e12, 3e12)
 SEEDS = (1, 2)
-LRS = tuple(2.0**k for k in range(-10, -3))  # 2^-10 (~0.001) to 2^-4 (0.0625)
+LRS = tuple(2.0**k for k in range(-9, -4))  # 2^-9 (~0.002) to 2^-5 (0.031)
+INIT_STDS = (0.02, 0.05, 0.1, 0.2)  # 0.02 is GPT-2's (the config's default)
 TUNING_BUDGET = 1e12
-LR_FILE = "lr.json"
+TUNED_FILE = "tuned.json"
 PLAN_FILE = "plan.json"
 
 
@@ -137,10 +141,23 @@ def run_name(budget: float, width: int, seed: int) -> str:
     return f"C{format_flops(budget)}-d{width}-s{seed}"
 
 
-def point_overrides(budget: float, width: int, seed: int, lr: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Base:
+    """The hyperparameters tuned at the base width, which μP carries to every width."""
+
+    lr: float
+    init_std: float | None  # None: the config's model.init_std
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        init = {} if self.init_std is None else {"model.init_std": self.init_std}
+        return {"optimizer.lr": self.lr, **init}
+
+
+def point_overrides(budget: float, width: int, seed: int, base: Base) -> dict[str, Any]:
     """The values that make a run (as the planner applies them; on the command line by repr,
     which Hydra reads back to the same values)."""
-    return {"scaling.budget": budget, "model.n_embd": width, "seed": seed, "optimizer.lr": lr}
+    return {"scaling.budget": budget, "model.n_embd": width, "seed": seed, **base.overrides}
 
 
 @dataclass
@@ -169,10 +186,10 @@ class WidthPlan:
         return sum(p.plan.steps for p in runs + self.branches)
 
 
-def plan_width(planner: Planner, args: argparse.Namespace, width: int, seed: int, lr: float):
+def plan_width(planner: Planner, args: argparse.Namespace, width: int, seed: int, base: Base):
     points = [
         planner.point(
-            point_overrides(budget, width, seed, lr),
+            point_overrides(budget, width, seed, base),
             sweep_root(args) / "runs" / run_name(budget, width, seed),
         )
         for budget in sorted(args.budgets)
@@ -192,11 +209,11 @@ def plan_width(planner: Planner, args: argparse.Namespace, width: int, seed: int
     return WidthPlan(width, seed, stable, branches, skipped)
 
 
-def plan_sweep(planner: Planner, args: argparse.Namespace, lr: float) -> list[WidthPlan]:
-    return [plan_width(planner, args, w, s, lr) for w in args.widths for s in args.seeds]
+def plan_sweep(planner: Planner, args: argparse.Namespace, base: Base) -> list[WidthPlan]:
+    return [plan_width(planner, args, w, s, base) for w in args.widths for s in args.seeds]
 
 
-def write_plan(plans: list[WidthPlan], lr: float, args: argparse.Namespace) -> dict[str, Any]:
+def write_plan(plans: list[WidthPlan], base: Base, args: argparse.Namespace) -> dict[str, Any]:
     """plan.json: every run, its branch point, the skipped points and the compute saved."""
     trained = sum(p.steps_trained for p in plans)
     dedicated = sum(p.steps_dedicated for p in plans)
@@ -211,7 +228,8 @@ def write_plan(plans: list[WidthPlan], lr: float, args: argparse.Namespace) -> d
         }
 
     summary = {
-        "lr": lr,
+        "lr": base.lr,
+        "init_std": base.init_std,
         "steps_trained": trained,
         "steps_dedicated": dedicated,
         "steps_saved_fraction": 1 - trained / dedicated if dedicated else 0.0,
@@ -294,54 +312,71 @@ def deal(tasks: Sequence[tuple[float, Callable[[], None]]], lanes: int) -> list[
     return [lane_of(q) for q in queues if q]
 
 
-# ----------------------------------------------------------------------------- the LR
+# ----------------------------------------------------------------------------- the base
 
 
 def tuning_points(planner: Planner, args: argparse.Namespace) -> list[Point]:
+    """The tuning grid's runs, learning rate by learning rate, each over the init stds."""
     width, seed = min(args.widths), args.seeds[0]
     root = sweep_root(args) / "lr_tuning"
     return [
         planner.point(
-            point_overrides(args.tuning_budget, width, seed, lr),
-            root / f"lr{lr:g}" / run_name(args.tuning_budget, width, seed),
+            point_overrides(args.tuning_budget, width, seed, Base(lr, init_std)),
+            root / f"lr{lr:g}-init{init_std:g}" / run_name(args.tuning_budget, width, seed),
         )
         for lr in sorted(args.lrs)
+        for init_std in sorted(args.init_stds)
     ]
 
 
-def choose_lr(points: list[Point], args: argparse.Namespace) -> dict[str, Any]:
-    """The grid point of the lowest final validation loss; refused at an end of the grid, where
-    the optimum may lie beyond it. Written to lr.json either way."""
+def choose_base(points: list[Point], args: argparse.Namespace) -> Base:
+    """The grid point of the lowest final validation loss; refused at an end of an axis of the
+    grid (one with more than one value), where the optimum may lie beyond it. Written to
+    tuned.json either way."""
+    lrs, init_stds = sorted(args.lrs), sorted(args.init_stds)
     losses = [p.val_loss for p in points]
     best = min(range(len(points)), key=losses.__getitem__)
-    lrs = sorted(args.lrs)
+    lr, init_std = points[best].overrides["optimizer.lr"], points[best].overrides["model.init_std"]
+    at_edge = [
+        name
+        for name, grid, value in (("--lrs", lrs, lr), ("--init-stds", init_stds, init_std))
+        if len(grid) > 1 and value in (grid[0], grid[-1])
+    ]
     choice = {
-        "lr": lrs[best],
-        "at_edge": best in (0, len(lrs) - 1),
-        "grid": lrs,
-        "val_loss": losses,
+        "lr": lr,
+        "init_std": init_std,
+        "at_edge": at_edge,
+        "runs": [
+            {
+                "lr": p.overrides["optimizer.lr"],
+                "init_std": p.overrides["model.init_std"],
+                "val_loss": loss,
+            }
+            for p, loss in zip(points, losses, strict=True)
+        ],  # fmt: skip
         "budget": args.tuning_budget,
         "width": min(args.widths),
         "seed": args.seeds[0],
     }
-    path = sweep_root(args) / LR_FILE
+    path = sweep_root(args) / TUNED_FILE
     atomic_write_text(path, json.dumps(choice, indent=2) + "\n")
     if not math.isfinite(losses[best]):
-        raise SystemExit(f"no LR-tuning run finished: see {sweep_root(args) / 'launch.log'}")
-    if choice["at_edge"]:
+        raise SystemExit(f"no tuning run finished: see {sweep_root(args) / 'launch.log'}")
+    if at_edge:
         raise SystemExit(
-            f"the best LR, {lrs[best]:g}, is at the edge of the grid {lrs}: the optimum may lie "
-            f"beyond it; widen --lrs and rerun (finished runs are kept). See {path}"
+            f"the best point, lr {lr:g} and init std {init_std:g}, is at the edge of the grid "
+            f"({' and '.join(at_edge)}): the optimum may lie beyond it; widen the grid and rerun "
+            f"(finished runs are kept). See {path}"
         )
-    say(f"LR: {lrs[best]:g} (val loss {losses[best]:.4f}); {path}")
-    return choice
+    say(f"base: lr {lr:g}, init std {init_std:g} (val loss {losses[best]:.4f}); {path}")
+    return Base(lr, init_std)
 
 
-def tune_lr(planner: Planner, args: argparse.Namespace) -> float:
+def tune_base(planner: Planner, args: argparse.Namespace) -> Base:
     points = tuning_points(planner, args)
     tasks = [(float(p.plan.steps), lambda p=p: launch(p, args)) for p in points]
     run_lanes(deal(tasks, args.lanes))
-    return choose_lr(points, args)["lr"]
+    return choose_base(points, args)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -349,9 +384,9 @@ def tune_lr(planner: Planner, args: argparse.Namespace) -> float:
 
 def run_study(args: argparse.Namespace) -> dict[str, Any]:
     planner = Planner(common_overrides(args))
-    lr = args.lr if args.lr is not None else tune_lr(planner, args)
-    plans = plan_sweep(planner, args, lr)
-    summary = write_plan(plans, lr, args)
+    base = Base(args.lr, args.init_std) if args.lr is not None else tune_base(planner, args)
+    plans = plan_sweep(planner, args, base)
+    summary = write_plan(plans, base, args)
     tasks = [
         (float(p.steps_trained * p.stable.plan.flops_per_token), lambda p=p: train_width(p, args))
         for p in plans
@@ -369,8 +404,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
     parser.add_argument("--seeds", type=int, nargs="+", default=SEEDS)
     parser.add_argument("--lrs", type=float, nargs="+", default=LRS, help="the tuning grid")
+    parser.add_argument(
+        "--init-stds", type=float, nargs="+", default=INIT_STDS, help="the tuning grid"
+    )
     parser.add_argument("--tuning-budget", type=float, default=TUNING_BUDGET)
     parser.add_argument("--lr", type=float, help="skip the tuning: train every run at this LR")
+    parser.add_argument(
+        "--init-std", type=float, help="with --lr: at this init std (default: the config's)"
+    )
     parser.add_argument("--lanes", type=int, default=2, help="runs side by side (one per core)")
     parser.add_argument("--sweep-name", default=SWEEP)
     parser.add_argument("--log-dir", type=Path, default=Path("logs"))
