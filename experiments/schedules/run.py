@@ -37,7 +37,7 @@ COSINE_SEEDS = (1, 2, 3, 4, 5)
 WSD_SEEDS = (1, 2, 3)
 SHORTER = (0.5, 0.75)  # the lengths branched off the stable run, as fractions of the steps
 SCAN_LRS = (6e-3, 1.2e-2)  # 2x and 4x the default peak LR, 3e-3
-SCAN_SEEDS = (1, 2)
+SCAN_SEEDS = (1, 2, 3)
 KEYS = ("trainer.max_steps", "seed")  # what makes a run, within one arm's folder
 NO_CHECKPOINTS = ["++trainer.enable_checkpointing=false", "callbacks.model_checkpoint=null"]
 
