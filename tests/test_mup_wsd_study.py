@@ -1,6 +1,6 @@
 """The μP + WSD scaling study's launcher (experiments/scaling_laws/mup_wsd_run.py): its plan
-(which runs, which branch points, the skip rules), the choice of the base LR and init std, and a smoke run of the whole
-study on the tiny data, each gptlab-train run made in-process."""
+(which runs, which branch points, the skip rules), the choice of the base LR and init std, and a
+smoke run of the whole study on the tiny data, each gptlab-train run made in-process."""
 
 from __future__ import annotations
 
