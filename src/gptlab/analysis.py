@@ -432,11 +432,11 @@ def coordinate_check(
     they grow with it.
 
     muP's flatness is a statement about width -> infinity with the batch held fixed. Adam's first
-    steps are nearly sign updates, and the part of a sign update aligned with a token's input
-    grows as width / sqrt(tokens) while the unaligned rest grows as sqrt(width): at widths not
-    far above the batch's token count the check shows that finite-width rest (it falls as
-    sqrt(tokens / width)). Hence the default of one row: keep batch_size * block_size below the
-    narrowest width."""
+    steps are nearly sign updates, and roughly, the part of a sign update aligned with a token's
+    input grows as width / sqrt(tokens) while the unaligned rest grows as sqrt(width), so at
+    widths not far above the batch's token count the check also shows that finite-width rest as
+    a slope. Measured (experiments/mup/README.md), the slope shrinks with the tokens per batch.
+    Hence the default of one row: keep batch_size * block_size below the narrowest width."""
     runs = [_coordinate_changes(config, widths, steps, lr, batch_size, seed) for seed in seeds]
     return {
         width: {
