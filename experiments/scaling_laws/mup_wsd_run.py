@@ -2,7 +2,7 @@
 experiment=scaling_law_mup, trained in two steps, then fitted.
 
     python -m experiments.scaling_laws.mup_wsd_run     # the study; a rerun skips finished runs
-    gptlab-scaling sweep_dir=logs/scaling_law_mup/mup_wsd/runs n_params=both out_dir=...
+    gptlab-scaling sweep_dir=logs/scaling_law_mup/mup_wsd_init/runs n_params=both out_dir=...
 
 1. The base hyperparameters, tuned once: dedicated WSD runs of the base width (the smallest,
    where μP is SP) at one budget over a grid of learning rates (2x steps) x init stds
@@ -353,7 +353,7 @@ def choose_base(points: list[Point], args: argparse.Namespace) -> Base:
                 "val_loss": loss,
             }
             for p, loss in zip(points, losses, strict=True)
-        ],  # fmt: skip
+        ],
         "budget": args.tuning_budget,
         "width": min(args.widths),
         "seed": args.seeds[0],
